@@ -1,0 +1,29 @@
+"""gpudeconv: fast, trustworthy Richardson-Lucy deconvolution for astrophotography.
+
+NumPy on the CPU or CuPy on NVIDIA GPUs, chosen at run time::
+
+    import gpudeconv as gd
+    restored = gd.richardson_lucy(image, gd.psf.moffat(fwhm=3.5), iterations=30)
+"""
+
+from . import operators, psf
+from ._errors import GpudeconvError, GpudeconvWarning
+from ._version import __version__
+from .api import deconvolve
+from .backend import available_backends, get_backend
+from .io import read_image, write_image
+from .restore import richardson_lucy
+
+__all__ = [
+    "GpudeconvError",
+    "GpudeconvWarning",
+    "__version__",
+    "available_backends",
+    "deconvolve",
+    "get_backend",
+    "operators",
+    "psf",
+    "read_image",
+    "richardson_lucy",
+    "write_image",
+]

@@ -1,0 +1,66 @@
+"""The high-level entry that the command line uses: a file or array in, a restored array out."""
+
+from __future__ import annotations
+
+import os
+
+from ._errors import GpudeconvError
+from .backend import Backend
+from .restore import richardson_lucy
+
+__all__ = ["deconvolve", "METHODS"]
+
+METHODS = ("rl",)
+
+
+def deconvolve(
+    image,
+    psf=None,
+    *,
+    method: str = "rl",
+    iterations: int = 30,
+    backend: str | Backend | None = None,
+    tile: int | None = None,
+    **options,
+):
+    """Deconvolve an image (array or path) with the chosen method.
+
+    Parameters
+    ----------
+    image : (H, W) or (C, H, W) ndarray, or str / os.PathLike
+        The image, or the path of a FITS, TIFF, PNG or JPEG file to read.
+    psf : (k, k) or (C, k, k) array_like
+        The PSF. Estimation from the image's stars (``psf=None``) needs a star-based PSF
+        estimator, which this version does not have yet: give a measured PSF or a model such as
+        ``gd.psf.moffat(fwhm)``.
+    method : {'rl'}
+        Richardson-Lucy.
+    iterations : int
+    backend : {'auto', 'numpy', 'cupy'} or Backend, optional
+    tile : None
+        The whole image is restored in memory; tile streaming is not available in this version.
+    **options
+        Passed to the method (``progress``, ``callback`` for ``'rl'``).
+
+    Returns
+    -------
+    restored : ndarray
+        float32 (float64 for float64 input), same shape as the image.
+    """
+    if method not in METHODS:
+        msg = f"method must be one of {', '.join(METHODS)}, got {method!r}"
+        raise GpudeconvError(msg)
+    if tile is not None:
+        msg = "tile streaming is not available in this version; leave tile unset (None)"
+        raise GpudeconvError(msg)
+    if psf is None:
+        msg = (
+            "no PSF given and this version cannot estimate one from stars yet; pass psf= "
+            "(a measured PSF array, or e.g. gpudeconv.psf.moffat(fwhm=3.5))"
+        )
+        raise GpudeconvError(msg)
+    if isinstance(image, (str, os.PathLike)):
+        from .io import read_image
+
+        image, _ = read_image(image)
+    return richardson_lucy(image, psf, iterations, backend=backend, **options)

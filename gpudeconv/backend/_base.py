@@ -1,0 +1,141 @@
+"""What every backend provides: the contract that the layers above are written against.
+
+A backend owns everything that differs between the CPU and the GPU (ARCHITECTURE.md, "Backend"):
+the array module ``xp``, the dtype policy, FFTs with cached plans, moving data, memory figures and
+the fused elementwise steps of Richardson-Lucy. Code above ``gpudeconv/backend/`` calls these
+methods and never imports cupy.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Backend", "MemoryInfo", "RATIO_EPS"]
+
+#: Guard of the RL ratio ``d / max(Hu, eps)``: a normal float32 number (CuPy compiles with
+#: ``-ftz``, so denormals would flush to zero), small against any real pixel value, and
+#: ``d / eps`` stays finite for every float32 ``d`` below 3e26.
+RATIO_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    """Memory available to a backend, in bytes: device memory on a GPU, RAM on the CPU."""
+
+    free: int
+    total: int
+    kind: str  # {'host', 'device'}
+
+
+class Backend(abc.ABC):
+    """An array backend: NumPy on the CPU or CuPy on a CUDA device."""
+
+    #: short name, ``"numpy"`` or ``"cupy"``
+    name: str
+    #: the array namespace (``numpy`` or ``cupy``)
+    xp: Any
+
+    # ------------------------------------------------------------------ dtypes and data
+    @staticmethod
+    def float_dtype(dtype) -> np.dtype:
+        """The working dtype for input of ``dtype``: float64 stays, everything else is float32."""
+        return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+    @abc.abstractmethod
+    def is_own_array(self, a) -> bool:
+        """Whether ``a`` already lives on this backend (no transfer needed)."""
+
+    def asarray(self, a, dtype=None):
+        """``a`` on this backend, C-contiguous, in ``dtype`` (its own dtype when None)."""
+        return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
+
+    @abc.abstractmethod
+    def to_host(self, a) -> np.ndarray:
+        """A NumPy array with the values of ``a``."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (no-op on the CPU); call before reading a clock."""
+
+    # ------------------------------------------------------------------ FFT
+    @abc.abstractmethod
+    def fft_length(self, n: int) -> int:
+        """A length ``>= n`` for which this backend's real FFT is fast."""
+
+    def fft_shape(self, shape) -> tuple[int, ...]:
+        """``fft_length`` applied to each axis of ``shape``."""
+        return tuple(self.fft_length(int(n)) for n in shape)
+
+    @abc.abstractmethod
+    def rfft2(self, x, shape):
+        """Real FFT over the last two axes of ``x`` zero-padded to ``shape``."""
+
+    @abc.abstractmethod
+    def irfft2(self, spectrum, shape):
+        """Inverse of :meth:`rfft2` for real output of the given last-two-axes ``shape``."""
+
+    def otf(self, psf, shape):
+        """Transfer function of ``psf`` for FFTs of ``shape``: its centre moved to index (0, 0).
+
+        The PSF is placed at the corner of a zero array of ``shape`` and rolled by ``-(k // 2)`` on
+        each axis, so that convolution by multiplication with this OTF keeps images in place.
+        """
+        xp = self.xp
+        psf = self.asarray(psf)
+        padded = xp.zeros(shape, dtype=psf.dtype)
+        ky, kx = psf.shape
+        padded[:ky, :kx] = psf
+        padded = xp.roll(padded, (-(ky // 2), -(kx // 2)), axis=(0, 1))
+        return self.rfft2(padded, shape)
+
+    def fft_convolve(self, x, otf, fft_shape, *, adjoint: bool = False):
+        """Linear convolution of ``x`` (zero outside) by the PSF whose OTF is ``otf``.
+
+        ``fft_shape`` must exceed ``x.shape`` by at least the PSF radius on each axis so that the
+        circular wrap of the FFT falls outside the returned ``x.shape`` window. ``adjoint=True``
+        correlates instead (multiplies by the conjugate OTF): the exact transpose.
+        """
+        spectrum = self.rfft2(x, fft_shape)
+        self.spectrum_multiply(spectrum, otf, conjugate=adjoint)
+        full = self.irfft2(spectrum, fft_shape)
+        return full[..., : x.shape[-2], : x.shape[-1]]
+
+    def spectrum_multiply(self, spectrum, otf, *, conjugate: bool = False) -> None:
+        """``spectrum *= otf`` (or its conjugate), in place."""
+        xp = self.xp
+        if conjugate:
+            spectrum *= xp.conj(otf)
+        else:
+            spectrum *= otf
+
+    @abc.abstractmethod
+    def direct_convolve(self, x, kernel, *, adjoint: bool = False):
+        """Linear convolution of ``x`` by a small odd ``kernel`` as a direct sum, zero outside."""
+
+    # ------------------------------------------------------------------ fused RL steps
+    @abc.abstractmethod
+    def rl_ratio(self, observed, blurred, weight=None):
+        """``weight * observed / max(blurred, RATIO_EPS)`` in one pass; may reuse ``blurred``."""
+
+    @abc.abstractmethod
+    def rl_update(self, estimate, correction, norm=None) -> None:
+        """``estimate *= correction / norm`` in place, in one pass.
+
+        Where ``norm`` (the adjoint applied to the data weights) is given and not above
+        ``RATIO_EPS`` the pixel has no data behind it and keeps its value.
+        """
+
+    # ------------------------------------------------------------------ facts
+    @abc.abstractmethod
+    def memory_info(self) -> MemoryInfo:
+        """Free and total memory that arrays of this backend draw on."""
+
+    @abc.abstractmethod
+    def device_name(self) -> str:
+        """Human-readable name of the device (CPU model or GPU name)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} on {self.device_name()}>"

@@ -1,0 +1,147 @@
+"""The GPU backend: CuPy arrays, cuFFT with CuPy's plan cache, raw kernels from ``kernels/``.
+
+This is the only module (with the kernel loader inside it) that imports cupy. It is imported
+lazily by :func:`gpudeconv.backend.get_backend`, so the package imports on machines without CuPy.
+"""
+
+from __future__ import annotations
+
+import cupy
+import cupyx.scipy.fft
+import cupyx.scipy.ndimage
+import numpy as np
+
+from ._base import RATIO_EPS, Backend, MemoryInfo
+from ._kernels import index_type, kernel_source
+
+__all__ = ["CuPyBackend", "device_answers"]
+
+_BLOCK = 256
+#: Enough blocks to fill any current card; the grid-stride loops cover larger arrays.
+_MAX_BLOCKS = 65535
+
+
+def device_answers() -> tuple[bool, str]:
+    """Whether a CUDA device can be used, and if not, why (one line)."""
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # CUDARuntimeError without driver or device
+        return False, f"CUDA is not usable ({type(error).__name__}: {error})"
+    if count < 1:
+        return False, "no CUDA device was found"
+    try:
+        cupy.cuda.Device(0).compute_capability  # noqa: B018  (touches the device)
+    except Exception as error:
+        return False, f"the CUDA device does not answer ({type(error).__name__}: {error})"
+    return True, ""
+
+
+@cupy.memoize(for_each_device=True)
+def _rl_steps_module(index: str):
+    """``kernels/rl_steps.cu`` compiled for the current device, once per index type."""
+    names = [
+        f"gpudeconv_rl_{step}_{dtype}"
+        for step in ("ratio", "update")
+        for dtype in ("float32", "float64")
+    ]
+    return cupy.RawModule(
+        code=kernel_source("rl_steps.cu", IDX=index),
+        options=("-std=c++17",),
+        name_expressions=names,
+    )
+
+
+def _rl_kernel(step: str, array):
+    module = _rl_steps_module(index_type(array.size))
+    return module.get_function(f"gpudeconv_rl_{step}_{array.dtype.name}")
+
+
+def _launch_shape(size: int) -> tuple[tuple[int], tuple[int]]:
+    blocks = max(1, min((size + _BLOCK - 1) // _BLOCK, _MAX_BLOCKS))
+    return (blocks,), (_BLOCK,)
+
+
+class CuPyBackend(Backend):
+    """CuPy arrays on the current CUDA device; cuFFT plans from CuPy's per-device plan cache."""
+
+    name = "cupy"
+    xp = cupy
+
+    def is_own_array(self, a) -> bool:
+        return isinstance(a, cupy.ndarray)
+
+    def to_host(self, a) -> np.ndarray:
+        return cupy.asnumpy(a) if isinstance(a, cupy.ndarray) else np.asarray(a)
+
+    def synchronize(self) -> None:
+        cupy.cuda.get_current_stream().synchronize()
+
+    # ------------------------------------------------------------------ FFT
+    def fft_length(self, n: int) -> int:
+        # cuFFT is fastest on 2^a 3^b 5^c 7^d lengths, and those are what next_fast_len returns.
+        return int(cupyx.scipy.fft.next_fast_len(int(n), real=True))
+
+    def rfft2(self, x, shape):
+        return cupy.fft.rfft2(x, s=tuple(shape))
+
+    def irfft2(self, spectrum, shape):
+        return cupy.fft.irfft2(spectrum, s=tuple(shape))
+
+    def spectrum_multiply(self, spectrum, otf, *, conjugate: bool = False) -> None:
+        _complex_multiply(spectrum, otf, bool(conjugate), spectrum)
+
+    def direct_convolve(self, x, kernel, *, adjoint: bool = False):
+        operation = cupyx.scipy.ndimage.correlate if adjoint else cupyx.scipy.ndimage.convolve
+        return operation(x, cupy.asarray(kernel, dtype=x.dtype), mode="constant", cval=0.0)
+
+    # ------------------------------------------------------------------ fused RL steps
+    def rl_ratio(self, observed, blurred, weight=None):
+        ratio = cupy.ascontiguousarray(blurred)
+        observed = cupy.ascontiguousarray(observed)
+        has_weight = weight is not None
+        weight = cupy.ascontiguousarray(weight) if has_weight else observed
+        eps = ratio.dtype.type(RATIO_EPS)
+        grid, block = _launch_shape(ratio.size)
+        _rl_kernel("ratio", ratio)(
+            grid, block,
+            (observed, ratio, weight, ratio, _index(ratio), eps, np.int32(has_weight)),
+        )
+        return ratio
+
+    def rl_update(self, estimate, correction, norm=None) -> None:
+        correction = cupy.ascontiguousarray(correction)
+        has_norm = norm is not None
+        norm = cupy.ascontiguousarray(norm) if has_norm else correction
+        eps = estimate.dtype.type(RATIO_EPS)
+        grid, block = _launch_shape(estimate.size)
+        _rl_kernel("update", estimate)(
+            grid, block, (estimate, correction, norm, _index(estimate), eps, np.int32(has_norm))
+        )
+
+    # ------------------------------------------------------------------ facts
+    def memory_info(self) -> MemoryInfo:
+        free, total = cupy.cuda.Device().mem_info
+        # Blocks held by CuPy's pool are free for our arrays too.
+        pool = cupy.get_default_memory_pool()
+        free += pool.total_bytes() - pool.used_bytes()
+        return MemoryInfo(free=int(free), total=int(total), kind="device")
+
+    def device_name(self) -> str:
+        device = cupy.cuda.Device()
+        name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"]
+        if isinstance(name, bytes):
+            name = name.decode(errors="replace")
+        return f"{name} (GPU {device.id}, sm_{device.compute_capability})"
+
+
+def _index(array):
+    """The element count as the C type the kernel was compiled with (a Python int is 64-bit)."""
+    return np.int64(array.size) if index_type(array.size) == "long long" else np.int32(array.size)
+
+
+_complex_multiply = cupy.ElementwiseKernel(
+    "C s, C h, bool conjugate",
+    "C out",
+    "out = s * (conjugate ? conj(h) : h)",
+    "gpudeconv_spectrum_multiply",
+)

@@ -1,0 +1,110 @@
+"""Blur operators: ``forward`` (blur) and its exact transpose ``adjoint``.
+
+Operators compute linear convolution of the array they are given, zero outside it; padding for
+image borders is the caller's job (ARCHITECTURE.md, "Operators").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._errors import GpudeconvError
+from .backend import Backend, get_backend, is_cupy_array
+from .psf import validate_psf
+
+__all__ = ["Convolution"]
+
+#: PSFs up to this side run as a direct sum; larger ones through FFTs (cost per pixel: k**2
+#: multiply-adds against a transform pair of a few hundred flops, plus its memory traffic).
+DIRECT_MAX_SIZE = 7
+_METHODS = ("auto", "fft", "direct")
+
+
+class Convolution:
+    """Convolution by one PSF everywhere (shift-invariant blur).
+
+    Parameters
+    ----------
+    psf : (k, k) array_like
+        Odd sides; normalized to sum 1.
+    backend : {'auto', 'numpy', 'cupy'} or Backend, optional
+    method : {'auto', 'fft', 'direct'}
+        ``'auto'`` sums directly for PSFs of at most 7x7 pixels and uses FFTs otherwise.
+
+    Notes
+    -----
+    .. math:: (Hx)_i = \\sum_j x_j\\, h_{i-j}, \\qquad (H^T y)_j = \\sum_i y_i\\, h_{i-j}
+
+    with ``h`` indexed from its centre (index ``k // 2`` at offset 0) and ``x`` zero outside
+    the array. The FFT path pads each axis by at least the PSF radius, so the circular wrap of
+    the transform never reaches the returned window; the OTF is computed once per array shape.
+    """
+
+    def __init__(self, psf, backend: str | Backend | None = None, *, method: str = "auto"):
+        if method not in _METHODS:
+            msg = f"method must be one of {', '.join(_METHODS)}, got {method!r}"
+            raise GpudeconvError(msg)
+        self.backend = get_backend(backend)
+        host_psf = validate_psf(self.backend.to_host(psf) if is_cupy_array(psf) else psf)
+        if host_psf.ndim != 2:
+            msg = f"Convolution takes one 2-D PSF, got shape {host_psf.shape}"
+            raise GpudeconvError(msg)
+        self._host_psf = host_psf
+        self.shape = host_psf.shape
+        self.radius = (self.shape[0] // 2, self.shape[1] // 2)
+        if method == "auto":
+            method = "direct" if max(self.shape) <= DIRECT_MAX_SIZE else "fft"
+        self.method = method
+        self._psf = {}  # dtype -> PSF on the backend
+        self._plans = {}  # (shape, dtype) -> (fft_shape, otf)
+
+    @property
+    def psf(self) -> np.ndarray:
+        """The normalized PSF (float64 NumPy)."""
+        return self._host_psf
+
+    def _psf_as(self, dtype):
+        key = np.dtype(dtype)
+        if key not in self._psf:
+            self._psf[key] = self.backend.asarray(self._host_psf, dtype=key)
+        return self._psf[key]
+
+    def _plan(self, shape, dtype):
+        """FFT shape and OTF for images of ``shape``: computed once, then reused."""
+        key = (tuple(shape[-2:]), np.dtype(dtype))
+        plan = self._plans.get(key)
+        if plan is None:
+            height, width = key[0]
+            fft_shape = self.backend.fft_shape((height + self.radius[0], width + self.radius[1]))
+            plan = (fft_shape, self.backend.otf(self._psf_as(dtype), fft_shape))
+            self._plans[key] = plan
+        return plan
+
+    def _apply(self, x, adjoint: bool):
+        x = self.backend.asarray(x)
+        if x.ndim < 2:
+            msg = f"Convolution needs arrays of at least 2 dimensions, got shape {x.shape}"
+            raise GpudeconvError(msg)
+        if self.method == "direct":
+            kernel = self._psf_as(x.dtype)
+            if x.ndim == 2:
+                return self.backend.direct_convolve(x, kernel, adjoint=adjoint)
+            planes = x.reshape((-1,) + x.shape[-2:])
+            out = self.backend.xp.empty_like(planes)
+            for index, plane in enumerate(planes):
+                out[index] = self.backend.direct_convolve(plane, kernel, adjoint=adjoint)
+            return out.reshape(x.shape)
+        fft_shape, otf = self._plan(x.shape, x.dtype)
+        return self.backend.fft_convolve(x, otf, fft_shape, adjoint=adjoint)
+
+    def forward(self, x):
+        """Blur ``x``: ``y_i = sum_j x_j h_{i-j}`` (linear, zero outside). Same shape as ``x``."""
+        return self._apply(x, adjoint=False)
+
+    def adjoint(self, y):
+        """The exact transpose of :meth:`forward`: correlation with the PSF."""
+        return self._apply(y, adjoint=True)
+
+    def __repr__(self) -> str:
+        return f"Convolution(psf {self.shape[0]}x{self.shape[1]}, {self.method}, {self.backend.name})"
+
