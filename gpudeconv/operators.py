@@ -106,5 +106,6 @@ class Convolution:
         return self._apply(y, adjoint=True)
 
     def __repr__(self) -> str:
-        return f"Convolution(psf {self.shape[0]}x{self.shape[1]}, {self.method}, {self.backend.name})"
-
+        return (
+            f"Convolution(psf {self.shape[0]}x{self.shape[1]}, {self.method}, {self.backend.name})"
+        )

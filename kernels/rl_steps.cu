@@ -2,7 +2,8 @@
 //
 //   ratio   r = w * d / max(b, eps)          b = H u (the blurred estimate), d the observed image,
 //                                            w the data weight (0 on no-data pixels, else 1)
-//   update  u <- u * c / n   where n > eps   c = H^T r (the correction), n = H^T w
+//   update  u <- u * c / n   where n > floor  c = H^T r (the correction), n = H^T w; pixels with
+//                                            n <= floor have (almost) no data behind them
 //           u <- u * c       without weights
 //
 // Each step is one pass over memory. Arrays are C-contiguous and flat: element i of every
@@ -36,15 +37,15 @@ __device__ void rl_ratio(const T* observed, const T* blurred, const T* weight, T
     }
 }
 
-/// estimate[i] *= correction[i] / norm[i] where norm[i] > eps (pixels with no data behind them
+/// estimate[i] *= correction[i] / norm[i] where norm[i] > norm_floor (pixels with no data behind them
 /// keep their value); estimate[i] *= correction[i] everywhere when has_norm is 0.
 template <typename T>
-__device__ void rl_update(T* estimate, const T* correction, const T* norm, IDX n, T eps,
+__device__ void rl_update(T* estimate, const T* correction, const T* norm, IDX n, T norm_floor,
                           int has_norm) {
     for (IDX i = gpudeconv_first_index(); i < n; i += gpudeconv_grid_stride()) {
         if (has_norm) {
             T w = norm[i];
-            if (w > eps) {
+            if (w > norm_floor) {
                 estimate[i] = estimate[i] * (correction[i] / w);
             }
         } else {
@@ -67,13 +68,13 @@ extern "C" __global__ void gpudeconv_rl_ratio_float64(const double* observed,
 }
 
 extern "C" __global__ void gpudeconv_rl_update_float32(float* estimate, const float* correction,
-                                                       const float* norm, IDX n, float eps,
+                                                       const float* norm, IDX n, float norm_floor,
                                                        int has_norm) {
-    rl_update<float>(estimate, correction, norm, n, eps, has_norm);
+    rl_update<float>(estimate, correction, norm, n, norm_floor, has_norm);
 }
 
 extern "C" __global__ void gpudeconv_rl_update_float64(double* estimate, const double* correction,
-                                                       const double* norm, IDX n, double eps,
+                                                       const double* norm, IDX n, double norm_floor,
                                                        int has_norm) {
-    rl_update<double>(estimate, correction, norm, n, eps, has_norm);
+    rl_update<double>(estimate, correction, norm, n, norm_floor, has_norm);
 }

@@ -12,12 +12,13 @@ import logging
 import os
 
 from .._errors import GpudeconvError
-from ._base import RATIO_EPS, Backend, MemoryInfo
+from ._base import NORM_FLOOR, RATIO_EPS, Backend, MemoryInfo
 from ._numpy import NumPyBackend
 
 __all__ = [
     "Backend",
     "MemoryInfo",
+    "NORM_FLOOR",
     "RATIO_EPS",
     "available_backends",
     "backend_for",
@@ -48,7 +49,7 @@ def _cupy_status() -> tuple[bool, str]:
     return _cupy.device_answers()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _make(name: str) -> Backend:
     if name == "numpy":
         return NumPyBackend()
@@ -58,7 +59,7 @@ def _make(name: str) -> Backend:
 
 
 def available_backends() -> list[str]:
-    """Names of the backends usable on this machine, CPU first: ``["numpy"]`` or ``["numpy", "cupy"]``."""
+    """Names of the backends usable here, CPU first: ``["numpy"]`` or ``["numpy", "cupy"]``."""
     names = ["numpy"]
     if _cupy_status()[0]:
         names.append("cupy")

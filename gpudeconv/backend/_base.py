@@ -14,12 +14,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "MemoryInfo", "RATIO_EPS"]
+__all__ = ["Backend", "MemoryInfo", "NORM_FLOOR", "RATIO_EPS"]
 
 #: Guard of the RL ratio ``d / max(Hu, eps)``: a normal float32 number (CuPy compiles with
 #: ``-ftz``, so denormals would flush to zero), small against any real pixel value, and
 #: ``d / eps`` stays finite for every float32 ``d`` below 3e26.
 RATIO_EPS = 1e-12
+
+#: Pixels whose data weight seen through the PSF, ``H^T w``, is at most this keep their value in
+#: the update: under 0.1% of their light reaches observed pixels, and FFT round-off (about 1e-7
+#: of the weights) must never be divided by.
+NORM_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class Backend(abc.ABC):
     def to_host(self, a) -> np.ndarray:
         """A NumPy array with the values of ``a``."""
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027  (a no-op unless the backend queues work)
         """Wait for queued device work (no-op on the CPU); call before reading a clock."""
 
     # ------------------------------------------------------------------ FFT
@@ -125,7 +130,7 @@ class Backend(abc.ABC):
         """``estimate *= correction / norm`` in place, in one pass.
 
         Where ``norm`` (the adjoint applied to the data weights) is given and not above
-        ``RATIO_EPS`` the pixel has no data behind it and keeps its value.
+        ``NORM_FLOOR`` the pixel has no data behind it and keeps its value.
         """
 
     # ------------------------------------------------------------------ facts

@@ -11,7 +11,7 @@ import cupyx.scipy.fft
 import cupyx.scipy.ndimage
 import numpy as np
 
-from ._base import RATIO_EPS, Backend, MemoryInfo
+from ._base import NORM_FLOOR, RATIO_EPS, Backend, MemoryInfo
 from ._kernels import index_type, kernel_source
 
 __all__ = ["CuPyBackend", "device_answers"]
@@ -103,7 +103,8 @@ class CuPyBackend(Backend):
         eps = ratio.dtype.type(RATIO_EPS)
         grid, block = _launch_shape(ratio.size)
         _rl_kernel("ratio", ratio)(
-            grid, block,
+            grid,
+            block,
             (observed, ratio, weight, ratio, _index(ratio), eps, np.int32(has_weight)),
         )
         return ratio
@@ -112,10 +113,10 @@ class CuPyBackend(Backend):
         correction = cupy.ascontiguousarray(correction)
         has_norm = norm is not None
         norm = cupy.ascontiguousarray(norm) if has_norm else correction
-        eps = estimate.dtype.type(RATIO_EPS)
+        floor = estimate.dtype.type(NORM_FLOOR)
         grid, block = _launch_shape(estimate.size)
         _rl_kernel("update", estimate)(
-            grid, block, (estimate, correction, norm, _index(estimate), eps, np.int32(has_norm))
+            grid, block, (estimate, correction, norm, _index(estimate), floor, np.int32(has_norm))
         )
 
     # ------------------------------------------------------------------ facts

@@ -11,7 +11,7 @@ import numpy as np
 import scipy.fft
 import scipy.ndimage
 
-from ._base import RATIO_EPS, Backend, MemoryInfo
+from ._base import NORM_FLOOR, RATIO_EPS, Backend, MemoryInfo
 
 __all__ = ["NumPyBackend"]
 
@@ -36,7 +36,7 @@ def _smooth_lengths(n: int, limit: int) -> list[int]:
     return sorted(set(found))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measured_fast_length(n: int) -> int:
     """The quickest real-FFT length in ``[n, n * (1 + _SLACK)]``, timed once per process.
 
@@ -118,7 +118,7 @@ class NumPyBackend(Backend):
         if norm is None:
             estimate *= correction
             return
-        has_data = norm > RATIO_EPS
+        has_data = norm > NORM_FLOOR
         np.divide(correction, norm, out=correction, where=has_data)
         np.multiply(estimate, correction, out=estimate, where=has_data)
 

@@ -36,7 +36,10 @@ def _validate_image(image) -> None:
 
 def _validate_iterations(iterations) -> int:
     if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 1:
-        msg = f"iterations must be a positive integer, got {iterations!r}; typical values are 10 to 50"
+        msg = (
+            f"iterations must be a positive integer, got {iterations!r}; "
+            "typical values are 10 to 50"
+        )
         raise GpudeconvError(msg)
     if iterations > MANY_ITERATIONS:
         warnings.warn(
@@ -158,8 +161,10 @@ def _restore_plane(observed, operator: Convolution, iterations: int, step):
 
     ry, rx = operator.radius
     pad = ((ry, ry), (rx, rx))
-    padded = xp.pad(data, pad, mode="reflect") if min(data.shape) > max(ry, rx) else xp.pad(
-        data, pad, mode="symmetric"
+    padded = (
+        xp.pad(data, pad, mode="reflect")
+        if min(data.shape) > max(ry, rx)
+        else xp.pad(data, pad, mode="symmetric")
     )
     weight = norm = None
     if has_nodata:

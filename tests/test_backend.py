@@ -1,0 +1,130 @@
+"""Backend selection, FFT lengths, memory figures and the NumPy twins of the fused steps."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpudeconv as gd
+from gpudeconv import GpudeconvError
+from gpudeconv.backend import NORM_FLOOR, RATIO_EPS, _cupy_status, is_cupy_array
+from gpudeconv.backend._kernels import index_type, kernel_dir, kernel_path, kernel_source
+
+
+def test_numpy_is_always_available():
+    assert gd.available_backends()[0] == "numpy"
+    assert gd.get_backend("numpy").name == "numpy"
+    assert gd.get_backend(" NumPy ").name == "numpy"
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("GPUDECONV_BACKEND", "numpy")
+    assert gd.get_backend().name == "numpy"
+    monkeypatch.setenv("GPUDECONV_BACKEND", "tpu")
+    with pytest.raises(GpudeconvError, match="GPUDECONV_BACKEND must be one of auto, numpy, cupy"):
+        gd.get_backend()
+
+
+def test_unknown_backend_is_one_clear_error():
+    with pytest.raises(
+        GpudeconvError, match="backend must be one of auto, numpy, cupy, got 'cuda'"
+    ):
+        gd.get_backend("cuda")
+
+
+def test_cupy_without_gpu_says_why(monkeypatch):
+    usable, reason = _cupy_status()
+    if usable:
+        assert gd.get_backend("cupy").name == "cupy"
+        return
+    assert reason
+    with pytest.raises(GpudeconvError, match="cupy backend was asked for but"):
+        gd.get_backend("cupy")
+
+
+def test_auto_falls_back_to_numpy_and_says_why_once(caplog, monkeypatch):
+    if _cupy_status()[0]:
+        pytest.skip("a GPU answers here: auto picks cupy")
+    import gpudeconv.backend as backend_module
+
+    monkeypatch.setattr(backend_module, "_said_why", False)
+    monkeypatch.delenv("GPUDECONV_BACKEND", raising=False)
+    with caplog.at_level(logging.INFO, logger="gpudeconv"):
+        assert gd.get_backend().name == "numpy"
+        assert gd.get_backend("auto").name == "numpy"
+    messages = [r.getMessage() for r in caplog.records if "NumPy (CPU) backend" in r.getMessage()]
+    assert len(messages) == 1
+
+
+def test_is_cupy_array_does_not_confuse_numpy():
+    assert not is_cupy_array(np.ones(3))
+    assert not is_cupy_array([1, 2])
+
+
+@pytest.mark.parametrize("n", [7, 100, 511, 2084, 4133])
+def test_fft_length_is_smooth_and_close(backend, n):
+    length = backend.fft_length(n)
+    assert n <= length <= max(int(n * 1.1), n + 8)
+    remainder = length
+    for prime in (2, 3, 5, 7, 11):
+        while remainder % prime == 0:
+            remainder //= prime
+    assert remainder == 1
+
+
+def test_memory_info_and_device_name(backend):
+    memory = backend.memory_info()
+    assert 0 < memory.free <= memory.total
+    assert memory.kind in {"host", "device"}
+    assert backend.device_name()
+
+
+def test_fused_steps_compute_the_rl_formulas(backend):
+    rng = np.random.default_rng(3)
+    observed = rng.random((33, 47)) * 100
+    blurred = rng.random((33, 47)) * 100
+    blurred[0, :5] = 0.0  # guarded
+    weight = (rng.random((33, 47)) > 0.1).astype(np.float64)
+    expected = weight * observed / np.maximum(blurred, RATIO_EPS)
+    ratio = backend.rl_ratio(
+        backend.asarray(observed), backend.asarray(blurred.copy()), backend.asarray(weight)
+    )
+    np.testing.assert_allclose(backend.to_host(ratio), expected, rtol=1e-12)
+    assert np.isfinite(backend.to_host(ratio)).all()
+
+    estimate = rng.random((33, 47))
+    correction = rng.random((33, 47)) + 0.5
+    norm = rng.random((33, 47))
+    norm[5, :10] = 0.0
+    norm[6, :10] = NORM_FLOOR / 2  # FFT round-off where no data is: never divided by
+    updated = backend.asarray(estimate.copy())
+    backend.rl_update(updated, backend.asarray(correction.copy()), backend.asarray(norm))
+    expected = np.where(
+        norm > NORM_FLOOR, estimate * correction / np.where(norm > 0, norm, 1), estimate
+    )
+    np.testing.assert_allclose(backend.to_host(updated), expected, rtol=1e-12)
+    plain = backend.asarray(estimate.copy())
+    backend.rl_update(plain, backend.asarray(correction))
+    np.testing.assert_allclose(backend.to_host(plain), estimate * correction, rtol=1e-12)
+
+
+def test_kernel_sources_ship_with_the_package():
+    import gpudeconv
+
+    source = kernel_path("rl_steps.cu")
+    assert source.is_file()
+    package = Path(gpudeconv.__file__).resolve().parent
+    installed = "site-packages" in str(package)
+    if installed:
+        # a non-editable install must carry the .cu files inside the package
+        assert kernel_dir() == package / "kernels"
+    assert "gpudeconv_rl_ratio_float32" in kernel_source("rl_steps.cu", IDX="int")
+    assert kernel_source("rl_steps.cu", IDX="long long").startswith("#define IDX long long\n")
+
+
+def test_index_type_switches_at_two_to_the_31():
+    assert index_type(2**31 - 1) == "int"
+    assert index_type(2**31) == "long long"

@@ -1,0 +1,225 @@
+"""Richardson-Lucy against an independent float64 reference, colour, dtypes, no-data pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.signal
+from helpers import star_field, to_numpy
+
+import gpudeconv as gd
+from gpudeconv import GpudeconvError, GpudeconvWarning
+
+
+def reference_rl(observed, psf, iterations):
+    """RL as the seed states it, in float64 with scipy.signal (no gpudeconv code): reflect-pad by
+    the PSF radius, start from the observed image, u <- u * (h~ * (d / (h * u)))."""
+    d = np.asarray(observed, dtype=np.float64)
+    h = np.asarray(psf, dtype=np.float64)
+    h = h / h.sum()
+    ry, rx = h.shape[0] // 2, h.shape[1] // 2
+    padded = np.pad(d, ((ry, ry), (rx, rx)), mode="reflect")
+    u = padded.copy()
+    for _ in range(iterations):
+        blurred = scipy.signal.fftconvolve(u, h, mode="same")
+        u = u * scipy.signal.fftconvolve(padded / blurred, h[::-1, ::-1], mode="same")
+    return u[ry : ry + d.shape[0], rx : rx + d.shape[1]]
+
+
+def relative_error(result, reference, margin):
+    inner = (slice(margin, -margin), slice(margin, -margin))
+    return np.max(np.abs(result[inner] - reference[inner])) / np.max(np.abs(reference[inner]))
+
+
+@pytest.mark.parametrize("iterations", [1, 10, 30])
+def test_grey_matches_float64_reference(backend, iterations):
+    image = star_field(seed=1)
+    psf = gd.psf.moffat(3.0, beta=2.5, size=15, ratio=0.8, angle=30)
+    xp_image = backend.asarray(image)
+    result = to_numpy(gd.richardson_lucy(xp_image, psf, iterations, backend=backend))
+    assert result.dtype == np.float32
+    assert result.shape == image.shape
+    assert relative_error(result, reference_rl(image, psf, iterations), margin=16) <= 2e-3
+
+
+@pytest.mark.parametrize("iterations", [1, 10, 30])
+def test_colour_per_channel_psfs_match_reference(backend, iterations):
+    channels = np.stack([star_field(seed=s, fwhm=f) for s, f in ((2, 2.5), (3, 3.0), (4, 3.5))])
+    psfs = np.stack([gd.psf.gaussian(f, size=13) for f in (2.5, 3.0, 3.5)])
+    result = to_numpy(gd.richardson_lucy(channels, psfs, iterations, backend=backend))
+    assert result.shape == channels.shape
+    for c in range(3):
+        reference = reference_rl(channels[c], psfs[c], iterations)
+        assert relative_error(result[c], reference, margin=16) <= 2e-3
+
+
+def test_colour_with_one_psf_equals_channels_run_alone(backend):
+    channels = np.stack([star_field(seed=s) for s in (5, 6)])
+    psf = gd.psf.moffat(3.0, size=15)
+    together = to_numpy(gd.richardson_lucy(channels, psf, 5, backend=backend))
+    for c in range(2):
+        alone = to_numpy(gd.richardson_lucy(channels[c], psf, 5, backend=backend))
+        np.testing.assert_allclose(together[c], alone, rtol=1e-6, atol=1e-6)
+
+
+def test_rl_sharpens_stars(backend):
+    image = star_field(seed=7, fwhm=3.5, n_stars=30, noise=False)
+    psf = gd.psf.gaussian(3.5, size=21)
+    result = to_numpy(gd.richardson_lucy(image, psf, 30, backend=backend))
+    peak = np.unravel_index(np.argmax(image[20:-20, 20:-20]), image[20:-20, 20:-20].shape)
+    y, x = peak[0] + 20, peak[1] + 20
+    assert result[y, x] > 2 * image[y, x]  # the light gathers back towards the point
+    np.testing.assert_allclose(result[20:-20, 20:-20].sum(), image[20:-20, 20:-20].sum(), rtol=0.02)
+
+
+def test_small_psf_uses_direct_sum_and_matches_reference(backend):
+    image = star_field(seed=8, fwhm=1.5)
+    psf = gd.psf.gaussian(1.5, size=5)
+    result = to_numpy(gd.richardson_lucy(image, psf, 10, backend=backend))
+    assert relative_error(result, reference_rl(image, psf, 10), margin=8) <= 2e-3
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        (np.uint8, np.float32),
+        (np.uint16, np.float32),
+        (np.int32, np.float32),
+        (np.float16, np.float32),
+        (np.float32, np.float32),
+        (np.float64, np.float64),
+    ],
+)
+def test_dtype_policy(backend, dtype, expected):
+    image = star_field(shape=(48, 40), seed=9)
+    image = np.clip(image / image.max() * 200, 0, 200).astype(dtype)
+    result = gd.richardson_lucy(
+        backend.asarray(image), gd.psf.gaussian(2.0, size=7), 3, backend=backend
+    )
+    assert result.dtype == expected
+
+
+def test_numpy_in_numpy_out_and_device_arrays_stay_on_device(backend):
+    image = star_field(shape=(40, 44), seed=10)
+    psf = gd.psf.gaussian(2.0, size=9)
+    host_result = gd.richardson_lucy(image, psf, 2, backend=backend)
+    assert isinstance(host_result, np.ndarray)
+    device_result = gd.richardson_lucy(backend.asarray(image), psf, 2, backend=backend)
+    assert type(device_result) is type(backend.asarray(image))
+
+
+def test_nodata_pixels_stay_nan_and_carry_no_weight(backend):
+    image = star_field(shape=(200, 210), seed=11)
+    psf = gd.psf.gaussian(2.5, size=9)
+    with_border = image.copy()
+    border = 24
+    with_border[:border] = np.nan
+    with_border[:, -border:] = np.nan
+    with_border[40, 30] = np.inf  # a hot, non-finite pixel (outside the compared core)
+    result = to_numpy(gd.richardson_lucy(with_border, psf, 5, backend=backend))
+    invalid = ~np.isfinite(with_border)
+    assert np.isnan(result[invalid]).all()
+    assert np.isfinite(result[~invalid]).all()
+    # Far from the no-data pixels (5 iterations spread influence by about 5 * 2 * 4 = 40 px),
+    # the restoration equals RL of the valid part alone: no-data acts as an image border.
+    valid_part = image[border:, : image.shape[1] - border]
+    alone = reference_rl(valid_part, psf, 5)
+    core = result[border:, : image.shape[1] - border][45:-45, 45:-45]
+    np.testing.assert_allclose(core[:, :], alone[45:-45, 45:-45], rtol=2e-3, atol=0.05)
+    # Even next to the border the estimate stays close to the data (no blow-up).
+    assert np.nanmax(np.abs(result - image)[~invalid]) < 10 * image.max()
+
+
+def test_zero_and_negative_data_never_produce_nan(backend):
+    image = star_field(shape=(64, 64), seed=12)
+    zeros = image.copy()
+    zeros[:20] = 0.0
+    result = to_numpy(gd.richardson_lucy(zeros, gd.psf.gaussian(2.0, size=9), 20, backend=backend))
+    assert np.isfinite(result).all()
+    negative = image - 2 * float(np.median(image))
+    with pytest.warns(GpudeconvWarning, match="negative values.*pedestal"):
+        result = to_numpy(
+            gd.richardson_lucy(negative, gd.psf.gaussian(2.0, size=9), 10, backend=backend)
+        )
+    assert np.isfinite(result).all()
+    # The pedestal is removed again: the sky level comes back where it was.
+    assert abs(np.median(result) - np.median(negative)) < 0.05 * np.ptp(negative)
+
+
+def test_all_nodata_plane_comes_back_nan(backend):
+    image = np.full((32, 32), np.nan, dtype=np.float32)
+    result = to_numpy(gd.richardson_lucy(image, gd.psf.gaussian(2.0, size=5), 3, backend=backend))
+    assert np.isnan(result).all()
+
+
+def test_progress_callback_counts_all_iterations():
+    calls = []
+    image = np.stack([star_field(shape=(32, 32), seed=s) for s in (1, 2)])
+    gd.richardson_lucy(
+        image, gd.psf.gaussian(2.0, size=5), 4, callback=lambda d, t: calls.append((d, t))
+    )
+    assert calls == [(i, 8) for i in range(1, 9)]
+
+
+@pytest.mark.parametrize(
+    ("image", "match"),
+    [
+        (np.ones(50, dtype=np.float32), "2-D"),
+        (np.ones((2, 3, 20, 20), dtype=np.float32), "2-D"),
+        (np.ones((20, 20), dtype=np.complex64), "real numbers"),
+        (np.ones((1, 20), dtype=np.float32), "too small"),
+    ],
+)
+def test_bad_images_are_refused(image, match):
+    with pytest.raises(GpudeconvError, match=match):
+        gd.richardson_lucy(image, gd.psf.gaussian(2.0, size=5), 3)
+
+
+@pytest.mark.parametrize("iterations", [0, -3, 2.5, True])
+def test_bad_iterations_are_refused(iterations):
+    with pytest.raises(GpudeconvError, match="iterations must be a positive integer"):
+        gd.richardson_lucy(np.ones((20, 20), np.float32), gd.psf.gaussian(2.0, size=5), iterations)
+
+
+def test_many_iterations_warn():
+    with pytest.warns(GpudeconvWarning, match="amplify noise"):
+        gd.richardson_lucy(np.ones((12, 12), np.float32), gd.psf.gaussian(1.0, size=3), 501)
+
+
+@pytest.mark.parametrize(
+    ("psf", "match"),
+    [
+        (np.ones((4, 5)), "odd"),
+        (np.full((5, 5), np.nan), "NaN"),
+        (np.zeros((5, 5)), "all zeros"),
+        (np.pad([[1.0]], 2) - 0.1, "negative"),
+        (np.ones((2, 5, 5)), "2 PSFs but the image has 3"),
+        (np.ones(5), "2-D"),
+    ],
+)
+def test_bad_psfs_are_refused(psf, match):
+    image = np.ones((3, 20, 20), np.float32)
+    with pytest.raises(GpudeconvError, match=match):
+        gd.richardson_lucy(image, psf, 2)
+
+
+def test_unnormalized_psf_warns_and_is_normalized():
+    image = star_field(shape=(48, 48), seed=3)
+    psf = gd.psf.gaussian(2.0, size=7)
+    with pytest.warns(GpudeconvWarning, match="normalized"):
+        scaled = gd.richardson_lucy(image, psf * 1000, 5)
+    np.testing.assert_allclose(scaled, gd.richardson_lucy(image, psf, 5), rtol=1e-5)
+
+
+def test_deconvolve_entry_reads_paths_and_refuses_missing_psf(tmp_path):
+    image = star_field(shape=(40, 40), seed=4)
+    path = tmp_path / "in.fits"
+    gd.write_image(path, image)
+    psf = gd.psf.gaussian(2.0, size=7)
+    np.testing.assert_allclose(
+        gd.deconvolve(path, psf, iterations=3), gd.richardson_lucy(image, psf, 3), rtol=1e-6
+    )
+    with pytest.raises(GpudeconvError, match="PSF"):
+        gd.deconvolve(image)
+    with pytest.raises(GpudeconvError, match="method must be"):
+        gd.deconvolve(image, psf, method="magic")
