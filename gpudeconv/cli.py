@@ -150,7 +150,7 @@ def _file_psf(path: str, channels: int | None) -> tuple[np.ndarray, str]:
     from .psf import validate_psf
 
     data, _ = read_image(path)
-    kernel = validate_psf(data, name=f"PSF file {path}", channels=channels)
+    kernel = validate_psf(data, name=f"PSF file {path}", channels=channels, warn_sum=False)
     return kernel, f"file {Path(path).name} ({kernel.shape[-2]}x{kernel.shape[-1]})"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,8 @@ def test_kernel_sources_ship_with_the_package():
     assert source.is_file()
     package = Path(gpudeconv.__file__).resolve().parent
     installed = "site-packages" in str(package)
+    if os.environ.get("CI"):
+        assert installed, f"CI must test the installed package, not {package}"
     if installed:
         # a non-editable install must carry the .cu files inside the package
         assert kernel_dir() == package / "kernels"

@@ -11,7 +11,9 @@ from .._errors import GpudeconvError, GpudeconvWarning
 __all__ = ["validate_psf"]
 
 
-def validate_psf(psf, *, name: str = "psf", channels: int | None = None) -> np.ndarray:
+def validate_psf(
+    psf, *, name: str = "psf", channels: int | None = None, warn_sum: bool = True
+) -> np.ndarray:
     """Check a PSF array and return it normalized to sum 1 (each plane), as float64 NumPy.
 
     Parameters
@@ -23,6 +25,9 @@ def validate_psf(psf, *, name: str = "psf", channels: int | None = None) -> np.n
         How the PSF is named in messages (e.g. the file it came from).
     channels : int, optional
         Channels of the image it will deconvolve (None for a grey image).
+    warn_sum : bool
+        Warn when the PSF sums far from 1 (an array passed in code); a PSF image read from a
+        file is a star cut-out in data units and is normalized without a word.
     """
     array = np.asarray(psf)
     if array.dtype.kind not in "uif":
@@ -60,7 +65,7 @@ def validate_psf(psf, *, name: str = "psf", channels: int | None = None) -> np.n
     if (sums <= 0).any():
         msg = f"{name} is all zeros; give a PSF with light in it"
         raise GpudeconvError(msg)
-    if ((sums < 0.5) | (sums > 2.0)).any():
+    if warn_sum and ((sums < 0.5) | (sums > 2.0)).any():
         warnings.warn(
             f"{name} sums to {float(sums.ravel()[0]):.4g}, not 1; it is normalized to sum 1",
             GpudeconvWarning,

@@ -1,0 +1,371 @@
+"""The gpudeconv command: a real run, and every user error as one line with exit code 2."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from helpers import star_field
+
+import gpudeconv as gd
+from gpudeconv.cli import main
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def observed(tmp_path) -> Path:
+    path = tmp_path / "observed.fits"
+    header = fits.Header()
+    header["OBJECT"] = "M 42"
+    header["EXPTIME"] = 300.0
+    fits.PrimaryHDU(star_field(shape=(96, 104), seed=21), header=header).writeto(path)
+    return path
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, match):
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("gpudeconv: error: ")
+    assert "Traceback" not in err
+    assert match in lines[0], lines[0]
+
+
+def test_deconvolve_with_model_psf_writes_fits_with_history(observed, tmp_path, capsys):
+    before = digest(observed)
+    out = tmp_path / "sharp.fits"
+    code, _, err = run(
+        ["deconvolve", observed, "-o", out, "--psf-fwhm", "3", "--iterations", "12", "--quiet"],
+        capsys,
+    )
+    assert code == 0, err
+    assert digest(observed) == before
+    with fits.open(out) as hdul:
+        data = hdul[0].data
+        header = hdul[0].header
+    assert data.dtype.kind == "f" and data.dtype.itemsize == 4 and data.shape == (96, 104)
+    assert header["OBJECT"] == "M 42" and header["EXPTIME"] == 300.0
+    history = "\n".join(str(line) for line in header["HISTORY"])
+    assert "gpudeconv" in history and "12 iterations" in history and "Moffat fwhm=3" in history
+    image = fits.getdata(observed)
+    expected = gd.richardson_lucy(image, gd.psf.moffat(3.0), 12)
+    np.testing.assert_allclose(data, expected, rtol=1e-5, atol=1e-4)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_deconvolve_with_psf_file_and_gaussian_model(observed, tmp_path, capsys):
+    psf_path = tmp_path / "psf.fits"
+    fits.PrimaryHDU(gd.psf.gaussian(2.5) * 40.0).writeto(psf_path)
+    out = tmp_path / "a.fits"
+    code, _, err = run(
+        ["deconvolve", observed, "-o", out, "--psf", psf_path, "--quiet", "--iterations", "5"],
+        capsys,
+    )
+    assert code == 0, err
+    out2 = tmp_path / "b.fits"
+    code, _, err = run(
+        [
+            "deconvolve",
+            observed,
+            "-o",
+            out2,
+            "--psf-fwhm",
+            "2.5",
+            "--psf-model",
+            "gaussian",
+            "--quiet",
+            "--iterations",
+            "5",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    # a file PSF that sums to 40 is normalized: the same result as the same model
+    np.testing.assert_allclose(fits.getdata(out), fits.getdata(out2), rtol=1e-5, atol=1e-4)
+
+
+def test_colour_tiff_16_bit_round_trip(tmp_path, capsys):
+    import tifffile
+
+    rgb = np.stack([star_field(shape=(64, 72), seed=s) for s in (1, 2, 3)])
+    rgb16 = np.clip(rgb / rgb.max() * 60000, 0, 65535).astype(np.uint16)
+    source = tmp_path / "rgb.tif"
+    tifffile.imwrite(source, np.moveaxis(rgb16, 0, -1), photometric="rgb")
+    out = tmp_path / "rgb_sharp.tif"
+    code, _, err = run(
+        ["deconvolve", source, "-o", out, "--psf-fwhm", "2.5", "--quiet", "--iterations", "5"],
+        capsys,
+    )
+    assert code == 0, err
+    result = tifffile.imread(out)
+    assert result.dtype == np.uint16 and result.shape == (64, 72, 3)
+
+
+def test_overwrite_replaces_existing_output(observed, tmp_path, capsys):
+    out = tmp_path / "sharp.fits"
+    out.write_bytes(b"old")
+    code, _, err = run(
+        ["deconvolve", observed, "-o", out, "--psf-fwhm", "3", "--quiet", "--iterations", "2"],
+        capsys,
+    )
+    assert_one_line_error(code, err, "exists; pass --overwrite")
+    assert out.read_bytes() == b"old"
+    code, _, err = run(
+        [
+            "deconvolve",
+            observed,
+            "-o",
+            out,
+            "--psf-fwhm",
+            "3",
+            "--quiet",
+            "--iterations",
+            "2",
+            "--overwrite",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert fits.getdata(out).shape == (96, 104)
+
+
+def write_fits(path: Path, data) -> Path:
+    fits.PrimaryHDU(np.asarray(data)).writeto(path)
+    return path
+
+
+def error_cases(tmp: Path, observed: Path):
+    fwhm = ["--psf-fwhm", "3"]
+    unwritable = tmp / "a_file"
+    unwritable.write_text("not a folder")
+    not_image = tmp / "notes.fits"
+    not_image.write_text("SIMPLE = this is not a FITS file at all")
+    return {
+        "missing input": (
+            ["deconvolve", tmp / "missing.fits", "-o", tmp / "o.fits", *fwhm],
+            "missing.fits",
+        ),
+        "missing psf file": (
+            ["deconvolve", observed, "-o", tmp / "o.fits", "--psf", tmp / "nopsf.fits"],
+            "nopsf.fits",
+        ),
+        "psf with nan": (
+            [
+                "deconvolve",
+                observed,
+                "-o",
+                tmp / "o.fits",
+                "--psf",
+                write_fits(tmp / "nan.fits", np.full((5, 5), np.nan)),
+            ],
+            "NaN",
+        ),
+        "psf all zeros": (
+            [
+                "deconvolve",
+                observed,
+                "-o",
+                tmp / "o.fits",
+                "--psf",
+                write_fits(tmp / "zero.fits", np.zeros((5, 5))),
+            ],
+            "all zeros",
+        ),
+        "psf negative": (
+            [
+                "deconvolve",
+                observed,
+                "-o",
+                tmp / "o.fits",
+                "--psf",
+                write_fits(tmp / "neg.fits", np.pad([[1.0]], 2) - 0.2),
+            ],
+            "negative",
+        ),
+        "psf even": (
+            [
+                "deconvolve",
+                observed,
+                "-o",
+                tmp / "o.fits",
+                "--psf",
+                write_fits(tmp / "even.fits", np.ones((4, 4))),
+            ],
+            "odd",
+        ),
+        "1-D image": (
+            [
+                "deconvolve",
+                write_fits(tmp / "line.fits", np.ones(50, np.float32)),
+                "-o",
+                tmp / "o.fits",
+                *fwhm,
+            ],
+            "1-D",
+        ),
+        "4-D image": (
+            [
+                "deconvolve",
+                write_fits(tmp / "cube4.fits", np.ones((2, 3, 8, 8), np.float32)),
+                "-o",
+                tmp / "o.fits",
+                *fwhm,
+            ],
+            "4-D",
+        ),
+        "not an image": (["deconvolve", not_image, "-o", tmp / "o.fits", *fwhm], "notes.fits"),
+        "zero iterations": (
+            ["deconvolve", observed, "-o", tmp / "o.fits", *fwhm, "--iterations", "0"],
+            "positive integer",
+        ),
+        "negative iterations": (
+            ["deconvolve", observed, "-o", tmp / "o.fits", *fwhm, "--iterations", "-5"],
+            "positive integer",
+        ),
+        "unknown backend": (
+            ["deconvolve", observed, "-o", tmp / "o.fits", *fwhm, "--backend", "opencl"],
+            "backend must be one of",
+        ),
+        "output is input": (
+            ["deconvolve", observed, "-o", observed, *fwhm, "--overwrite"],
+            "is the input file",
+        ),
+        "unwritable folder": (
+            ["deconvolve", observed, "-o", unwritable / "o.fits", *fwhm],
+            "choose another -o path",
+        ),
+        "missing folder": (
+            ["deconvolve", observed, "-o", tmp / "nope" / "o.fits", *fwhm],
+            "does not exist",
+        ),
+        "no psf": (["deconvolve", observed, "-o", tmp / "o.fits"], "--psf"),
+        "bad fwhm": (
+            ["deconvolve", observed, "-o", tmp / "o.fits", "--psf-fwhm", "-2"],
+            "positive number",
+        ),
+        "bad ratio": (
+            ["deconvolve", observed, "-o", tmp / "o.fits", *fwhm, "--psf-ratio", "3"],
+            "ratio",
+        ),
+        "bad extension": (["deconvolve", observed, "-o", tmp / "o.xyz", *fwhm], "extension"),
+        "float to png": (
+            ["deconvolve", observed, "-o", tmp / "o.png", *fwhm],
+            "write the output as .fits or .tif",
+        ),
+        "beta with gaussian": (
+            [
+                "deconvolve",
+                observed,
+                "-o",
+                tmp / "o.fits",
+                *fwhm,
+                "--psf-model",
+                "gaussian",
+                "--psf-beta",
+                "3",
+            ],
+            "Moffat",
+        ),
+    }
+
+
+CASES = [
+    "missing input",
+    "missing psf file",
+    "psf with nan",
+    "psf all zeros",
+    "psf negative",
+    "psf even",
+    "1-D image",
+    "4-D image",
+    "not an image",
+    "zero iterations",
+    "negative iterations",
+    "unknown backend",
+    "output is input",
+    "unwritable folder",
+    "missing folder",
+    "no psf",
+    "bad fwhm",
+    "bad ratio",
+    "bad extension",
+    "float to png",
+    "beta with gaussian",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_user_errors_are_one_line_exit_2_nothing_written(case, observed, tmp_path, capsys):
+    argv, match = error_cases(tmp_path, observed)[case]
+    before = {p.name: digest(p) for p in tmp_path.iterdir() if p.is_file()}
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, match)
+    after = {p.name: digest(p) for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before  # inputs untouched, no output or temporary file left behind
+
+
+def test_installed_command_reports_errors_as_one_line(observed, tmp_path):
+    exe = shutil.which("gpudeconv")
+    argv = [exe] if exe else [sys.executable, "-m", "gpudeconv.cli"]
+    result = subprocess.run(
+        [
+            *argv,
+            "deconvolve",
+            str(observed),
+            "-o",
+            str(tmp_path / "o.fits"),
+            "--psf-fwhm",
+            "3",
+            "--iterations",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "iterations" in result.stderr
+
+
+def test_info_lists_backends_and_versions(capsys):
+    code, out, _ = run(["info"], capsys)
+    assert code == 0
+    assert "backends: numpy" in out and "numpy" in out and "scipy" in out
+    assert "selected backend:" in out and "GiB free" in out
+
+
+def test_progress_bar_shows_on_stderr(observed, tmp_path, capsys):
+    code, _, err = run(
+        ["deconvolve", observed, "-o", tmp_path / "p.fits", "--psf-fwhm", "3", "--iterations", "3"],
+        capsys,
+    )
+    assert code == 0
+    assert "Richardson-Lucy" in err or "it/s" in err or "3/3" in err
+    assert "MPix*it/s" in err
+
+
+def test_env_backend_is_respected(observed, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GPUDECONV_BACKEND", "numpy")
+    code, _, err = run(
+        ["deconvolve", observed, "-o", tmp_path / "e.fits", "--psf-fwhm", "3", "--iterations", "2"],
+        capsys,
+    )
+    assert code == 0 and "on numpy" in err
+    assert os.path.exists(tmp_path / "e.fits")
