@@ -1,4 +1,4 @@
-"""The one user-error type and the one warning type of gpudeconv (STYLE.md, "Errors and warnings")."""
+"""The one user-error type and the one warning type of gpudeconv (STYLE.md, "Errors")."""
 
 __all__ = ["GpudeconvError", "GpudeconvWarning"]
 

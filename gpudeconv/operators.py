@@ -70,40 +70,43 @@ class Convolution:
         return self._psf[key]
 
     def _plan(self, shape, dtype):
-        """FFT shape and OTF for images of ``shape``: computed once, then reused."""
+        """FFT shape, OTF and adjoint OTF for images of ``shape``: computed once, then reused."""
         key = (tuple(shape[-2:]), np.dtype(dtype))
         plan = self._plans.get(key)
         if plan is None:
             height, width = key[0]
             fft_shape = self.backend.fft_shape((height + self.radius[0], width + self.radius[1]))
-            plan = (fft_shape, self.backend.otf(self._psf_as(dtype), fft_shape))
+            otf = self.backend.otf(self._psf_as(dtype), fft_shape)
+            plan = (fft_shape, otf, self.backend.adjoint_otf(otf))
             self._plans[key] = plan
         return plan
 
-    def _apply(self, x, adjoint: bool):
-        x = self.backend.asarray(x)
+    def _apply(self, x, adjoint: bool, out):
+        backend = self.backend
+        x = backend.asarray(x)
         if x.ndim < 2:
             msg = f"Convolution needs arrays of at least 2 dimensions, got shape {x.shape}"
             raise GpudeconvError(msg)
+        if x.ndim > 2:  # a stack of planes, each convolved on its own
+            if out is None:
+                out = backend.xp.empty_like(x)
+            for index in np.ndindex(*x.shape[:-2]):
+                self._apply(x[index], adjoint, out[index])
+            return out
         if self.method == "direct":
             kernel = self._psf_as(x.dtype)
-            if x.ndim == 2:
-                return self.backend.direct_convolve(x, kernel, adjoint=adjoint)
-            planes = x.reshape((-1,) + x.shape[-2:])
-            out = self.backend.xp.empty_like(planes)
-            for index, plane in enumerate(planes):
-                out[index] = self.backend.direct_convolve(plane, kernel, adjoint=adjoint)
-            return out.reshape(x.shape)
-        fft_shape, otf = self._plan(x.shape, x.dtype)
-        return self.backend.fft_convolve(x, otf, fft_shape, adjoint=adjoint)
+            return backend.direct_convolve(x, kernel, adjoint=adjoint, out=out)
+        fft_shape, otf, adjoint_otf = self._plan(x.shape, x.dtype)
+        return backend.fft_convolve(x, adjoint_otf if adjoint else otf, fft_shape, out=out)
 
-    def forward(self, x):
-        """Blur ``x``: ``y_i = sum_j x_j h_{i-j}`` (linear, zero outside). Same shape as ``x``."""
-        return self._apply(x, adjoint=False)
+    def forward(self, x, out=None):
+        """Blur ``x``: ``y_i = sum_j x_j h_{i-j}`` (linear, zero outside). Same shape as ``x``;
+        written into ``out`` when given (same shape and dtype), else a new array."""
+        return self._apply(x, adjoint=False, out=out)
 
-    def adjoint(self, y):
+    def adjoint(self, y, out=None):
         """The exact transpose of :meth:`forward`: correlation with the PSF."""
-        return self._apply(y, adjoint=True)
+        return self._apply(y, adjoint=True, out=out)
 
     def __repr__(self) -> str:
         return (

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.signal
 
 import gpudeconv as gd
 from gpudeconv import GpudeconvError
@@ -131,3 +132,57 @@ def test_kernel_sources_ship_with_the_package():
 def test_index_type_switches_at_two_to_the_31():
     assert index_type(2**31 - 1) == "int"
     assert index_type(2**31) == "long long"
+
+
+@pytest.mark.parametrize("library", ["scipy.fft", "pyfftw"])
+def test_cpu_fft_libraries_give_the_same_convolution(library):
+    from gpudeconv.backend._fftplans import fftw_available
+    from gpudeconv.backend._numpy import NumPyBackend
+
+    if library == "pyfftw" and not fftw_available():
+        pytest.skip("pyFFTW is not installed")
+    backend = NumPyBackend(fft=library)
+    assert backend.fft_library == library
+    rng = np.random.default_rng(4)
+    psf = gd.psf.moffat(3.0, size=13, ratio=0.6, angle=20)
+    op = gd.operators.Convolution(psf, backend)
+    kernel = op.psf  # the normalized float64 PSF
+    # a large image, then smaller ones through the same cached plan: the buffer's zero padding
+    # must not keep pixels of the earlier, larger image
+    # (all these shapes pad to the same 96 x 108 FFT shape, so they share one plan)
+    for shape in [(90, 101), (88, 101), (90, 100), (87, 99)]:
+        assert op._plan(shape, np.float64)[0] == (96, 108)
+        x = rng.random(shape)
+        expected = scipy.signal.convolve2d(x, kernel, mode="same")
+        np.testing.assert_allclose(op.forward(x), expected, rtol=1e-9, atol=1e-12)
+        out = np.empty_like(x)
+        assert op.adjoint(x, out=out) is out
+        np.testing.assert_allclose(
+            out, scipy.signal.correlate2d(x, kernel, mode="same"), rtol=1e-9, atol=1e-12
+        )
+
+
+def test_fft_library_choice_and_errors(monkeypatch):
+    from gpudeconv.backend._fftplans import fftw_available
+    from gpudeconv.backend._numpy import NumPyBackend
+
+    monkeypatch.setenv("GPUDECONV_FFT", "scipy.fft")
+    assert NumPyBackend().fft_library == "scipy.fft"
+    monkeypatch.delenv("GPUDECONV_FFT")
+    assert NumPyBackend().fft_library == ("pyfftw" if fftw_available() else "scipy.fft")
+    with pytest.raises(GpudeconvError, match="fft must be one of auto, pyfftw, scipy.fft"):
+        NumPyBackend(fft="mkl")
+
+
+def test_fftw_wisdom_is_kept_on_disk(tmp_path, monkeypatch):
+    from gpudeconv.backend import _fftplans
+
+    if not _fftplans.fftw_available():
+        pytest.skip("pyFFTW is not installed")
+    monkeypatch.setenv("GPUDECONV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_fftplans, "_wisdom_loaded", False)
+    plan = _fftplans.FFTWPlan((1024, 1024), np.float32)  # large enough to be measured
+    assert (plan.real == 0).all()
+    stored = list(tmp_path.glob("fftw-wisdom-*.json"))
+    assert len(stored) == 1 and stored[0].stat().st_size > 100
+    assert not list(tmp_path.glob(".*tmp"))

@@ -85,7 +85,10 @@ def test_run_bench_reports_gpudeconv_and_peers():
     device = gd.get_backend("numpy").device_name()
     for result in results:
         assert (result.backend, result.device, result.size, result.iterations) == (
-            "numpy", device, 256, 2,
+            "numpy",
+            device,
+            256,
+            2,
         )
         assert len(result.times) == 1 and result.seconds == min(result.times)
         assert math.isfinite(result.seconds) and result.seconds > 0
@@ -99,8 +102,14 @@ def test_run_bench_reports_gpudeconv_and_peers():
 
 def test_run_bench_without_peers_or_memory():
     results = bench.run_bench(
-        size=64, iterations=1, backend="numpy", psf_size=9, peers=False, repeats=2,
-        measure_memory=False, log=None,
+        size=64,
+        iterations=1,
+        backend="numpy",
+        psf_size=9,
+        peers=False,
+        repeats=2,
+        measure_memory=False,
+        log=None,
     )
     assert [result.name for result in results] == ["gpudeconv"]
     assert results[0].peak_memory_bytes is None and len(results[0].times) == 2
@@ -132,7 +141,9 @@ def _fake_results():
 def test_write_record_names_device_and_command(tmp_path, suffix):
     command = "gpudeconv bench --size 512 --iterations 20 --backend numpy"
     path = bench.write_record(
-        _fake_results(), tmp_path / "results" / f"record{suffix}", command=command,
+        _fake_results(),
+        tmp_path / "results" / f"record{suffix}",
+        command=command,
         notes="idle machine",
     )
     text = path.read_text()

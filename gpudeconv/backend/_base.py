@@ -96,29 +96,33 @@ class Backend(abc.ABC):
         padded = xp.roll(padded, (-(ky // 2), -(kx // 2)), axis=(0, 1))
         return self.rfft2(padded, shape)
 
-    def fft_convolve(self, x, otf, fft_shape, *, adjoint: bool = False):
-        """Linear convolution of ``x`` (zero outside) by the PSF whose OTF is ``otf``.
+    def adjoint_otf(self, otf):
+        """The transfer function of the adjoint (correlation): the complex conjugate of ``otf``.
+
+        Operators compute it once beside the OTF, so that no iteration builds a conjugate.
+        """
+        return self.xp.conj(otf)
+
+    def fft_convolve(self, x, otf, fft_shape, out=None):
+        """Linear convolution of the 2-D ``x`` (zero outside) by the PSF whose OTF is ``otf``.
 
         ``fft_shape`` must exceed ``x.shape`` by at least the PSF radius on each axis so that the
-        circular wrap of the FFT falls outside the returned ``x.shape`` window. ``adjoint=True``
-        correlates instead (multiplies by the conjugate OTF): the exact transpose.
+        circular wrap of the FFT falls outside the returned ``x.shape`` window; pass
+        :meth:`adjoint_otf` to correlate instead. The result goes to ``out`` when given (an
+        array of ``x``'s shape and dtype), else to a new array.
         """
         spectrum = self.rfft2(x, fft_shape)
-        self.spectrum_multiply(spectrum, otf, conjugate=adjoint)
-        full = self.irfft2(spectrum, fft_shape)
-        return full[..., : x.shape[-2], : x.shape[-1]]
-
-    def spectrum_multiply(self, spectrum, otf, *, conjugate: bool = False) -> None:
-        """``spectrum *= otf`` (or its conjugate), in place."""
-        xp = self.xp
-        if conjugate:
-            spectrum *= xp.conj(otf)
-        else:
-            spectrum *= otf
+        spectrum *= otf
+        window = self.irfft2(spectrum, fft_shape)[: x.shape[0], : x.shape[1]]
+        if out is None:
+            return window
+        out[...] = window
+        return out
 
     @abc.abstractmethod
-    def direct_convolve(self, x, kernel, *, adjoint: bool = False):
-        """Linear convolution of ``x`` by a small odd ``kernel`` as a direct sum, zero outside."""
+    def direct_convolve(self, x, kernel, *, adjoint: bool = False, out=None):
+        """Linear convolution of 2-D ``x`` by a small odd ``kernel`` as a direct sum, zero outside
+        (correlation when ``adjoint``); into ``out`` when given."""
 
     # ------------------------------------------------------------------ fused RL steps
     @abc.abstractmethod

@@ -84,12 +84,10 @@ class CuPyBackend(Backend):
     def irfft2(self, spectrum, shape):
         return cupy.fft.irfft2(spectrum, s=tuple(shape))
 
-    def spectrum_multiply(self, spectrum, otf, *, conjugate: bool = False) -> None:
-        _complex_multiply(spectrum, otf, bool(conjugate), spectrum)
-
-    def direct_convolve(self, x, kernel, *, adjoint: bool = False):
+    def direct_convolve(self, x, kernel, *, adjoint: bool = False, out=None):
         operation = cupyx.scipy.ndimage.correlate if adjoint else cupyx.scipy.ndimage.convolve
-        return operation(x, cupy.asarray(kernel, dtype=x.dtype), mode="constant", cval=0.0)
+        kernel = cupy.asarray(kernel, dtype=x.dtype)
+        return operation(x, kernel, output=out, mode="constant", cval=0.0)
 
     # ------------------------------------------------------------------ fused RL steps
     def rl_ratio(self, observed, blurred, weight=None):
@@ -135,11 +133,3 @@ class CuPyBackend(Backend):
 def _index(array):
     """The element count as the C type the kernel was compiled with (a Python int is 64-bit)."""
     return np.int64(array.size) if index_type(array.size) == "long long" else np.int32(array.size)
-
-
-_complex_multiply = cupy.ElementwiseKernel(
-    "C s, C h, bool conjugate",
-    "C out",
-    "out = s * (conjugate ? conj(h) : h)",
-    "gpudeconv_spectrum_multiply",
-)

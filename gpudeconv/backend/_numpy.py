@@ -11,9 +11,13 @@ import numpy as np
 import scipy.fft
 import scipy.ndimage
 
+from .._errors import GpudeconvError
 from ._base import NORM_FLOOR, RATIO_EPS, Backend, MemoryInfo
+from ._fftplans import fftw_available, get_plan
 
 __all__ = ["NumPyBackend"]
+
+_FFT_LIBRARIES = ("auto", "pyfftw", "scipy.fft")
 
 #: Below this length every candidate transform is fast; take scipy's next fast length.
 _MEASURE_FROM = 512
@@ -21,19 +25,22 @@ _MEASURE_FROM = 512
 _SLACK = 0.08
 
 
-def _smooth_lengths(n: int, limit: int) -> list[int]:
-    """The 7-smooth integers in ``[n, limit]`` (lengths pocketfft handles without Bluestein)."""
-    found = []
-    for a in range(0, limit.bit_length() + 1):
-        for b in range(0, 14):
-            for c in range(0, 10):
-                for d in range(0, 8):
-                    value = 2**a * 3**b * 5**c * 7**d
-                    if value > limit:
-                        break
-                    if value >= n:
-                        found.append(value)
-    return sorted(set(found))
+def _candidate_lengths(n: int, limit: int) -> list[int]:
+    """Lengths ``2^a 3^b 5^c`` in ``[n, limit]`` with few factors of 3 and 5.
+
+    Long runs of radix-3 or radix-5 passes (2187 = 3^7) and radix-7 factors were slow in both
+    pocketfft and FFTW on the development machine.
+    """
+    found = set()
+    power_of_two = 1
+    while power_of_two <= limit:
+        for b in range(4):
+            for c in range(4):
+                value = power_of_two * 3**b * 5**c
+                if n <= value <= limit:
+                    found.add(value)
+        power_of_two *= 2
+    return sorted(found)
 
 
 @functools.cache
@@ -44,15 +51,16 @@ def _measured_fast_length(n: int) -> int:
     long as a 2160-point one on the development machine), and heuristics on the prime factors do
     not rank the candidates reliably, so the few candidates are timed on a strip of 64 rows.
     """
-    limit = max(int(n * (1 + _SLACK)), scipy.fft.next_fast_len(n, real=True))
-    candidates = _smooth_lengths(n, limit)
-    # Even lengths keep the half-spectrum simple; the smallest few cover the good choices.
-    candidates = sorted(candidates, key=lambda m: (m % 2, m))[:6]
+    candidates = _candidate_lengths(n, int(n * (1 + _SLACK)))[:4]
+    if not candidates:
+        return scipy.fft.next_fast_len(n, real=True)
+    if len(candidates) == 1:
+        return candidates[0]
     best, best_time = candidates[0], np.inf
     for length in candidates:
         strip = np.ones((64, length), dtype=np.float32)
         timings = []
-        for _ in range(3):
+        for _ in range(5):
             start = time.perf_counter()
             scipy.fft.irfft(scipy.fft.rfft(strip, axis=-1), n=length, axis=-1)
             scipy.fft.ifft(scipy.fft.fft(strip.T, axis=0), axis=0)
@@ -75,13 +83,27 @@ def _cpu_name() -> str:
 
 
 class NumPyBackend(Backend):
-    """NumPy arrays on the CPU; FFTs by ``scipy.fft`` with all cores (``workers=-1``)."""
+    """NumPy arrays on the CPU; FFTs with all cores, by FFTW (pyFFTW) where it is installed and
+    by ``scipy.fft`` otherwise (``fft=`` or the environment variable ``GPUDECONV_FFT`` choose)."""
 
     name = "numpy"
     xp = np
 
-    def __init__(self, workers: int = -1):
+    def __init__(self, workers: int = -1, fft: str = "auto"):
+        if fft not in _FFT_LIBRARIES:
+            msg = f"fft must be one of {', '.join(_FFT_LIBRARIES)}, got {fft!r}"
+            raise GpudeconvError(msg)
+        if fft == "auto":
+            wanted = os.environ.get("GPUDECONV_FFT", "").strip().lower()
+            fft = wanted if wanted in _FFT_LIBRARIES else "auto"
+        if fft == "auto":
+            fft = "pyfftw" if fftw_available() else "scipy.fft"
+        if fft == "pyfftw" and not fftw_available():
+            msg = "fft='pyfftw' was asked for but pyFFTW is not installed; pip install pyFFTW"
+            raise GpudeconvError(msg)
         self.workers = workers
+        #: the FFT library of the convolutions: {'pyfftw', 'scipy.fft'}
+        self.fft_library = fft
 
     def is_own_array(self, a) -> bool:
         return isinstance(a, np.ndarray)
@@ -101,9 +123,18 @@ class NumPyBackend(Backend):
     def irfft2(self, spectrum, shape):
         return scipy.fft.irfft2(spectrum, s=tuple(shape), workers=self.workers, overwrite_x=True)
 
-    def direct_convolve(self, x, kernel, *, adjoint: bool = False):
+    def fft_convolve(self, x, otf, fft_shape, out=None):
+        plan = get_plan(fft_shape, x.dtype, library=self.fft_library, workers=self.workers)
+        window = plan.convolve(x, otf)[: x.shape[0], : x.shape[1]]
+        if out is None:
+            return window.copy()  # the plan reuses its buffers
+        out[...] = window
+        return out
+
+    def direct_convolve(self, x, kernel, *, adjoint: bool = False, out=None):
         operation = scipy.ndimage.correlate if adjoint else scipy.ndimage.convolve
-        return operation(x, np.asarray(kernel, dtype=x.dtype), mode="constant", cval=0.0)
+        kernel = np.asarray(kernel, dtype=x.dtype)
+        return operation(x, kernel, output=out, mode="constant", cval=0.0)
 
     # ------------------------------------------------------------------ fused RL steps
     def rl_ratio(self, observed, blurred, weight=None):
@@ -137,4 +168,4 @@ class NumPyBackend(Backend):
         return MemoryInfo(free=free, total=total, kind="host")
 
     def device_name(self) -> str:
-        return f"{_cpu_name()} ({os.cpu_count()} cores)"
+        return f"{_cpu_name()} ({os.cpu_count()} cores, {self.fft_library})"

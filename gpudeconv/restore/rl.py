@@ -176,10 +176,12 @@ def _restore_plane(observed, operator: Convolution, iterations: int, step):
     else:
         estimate = padded.copy()
 
+    blurred = xp.empty_like(estimate)  # work buffers, allocated once
+    correction = xp.empty_like(estimate)
     for _ in range(iterations):
-        blurred = operator.forward(estimate)
+        operator.forward(estimate, out=blurred)
         ratio = backend.rl_ratio(padded, blurred, weight)
-        correction = operator.adjoint(ratio)
+        operator.adjoint(ratio, out=correction)
         backend.rl_update(estimate, correction, norm)
         step()
 
