@@ -15,14 +15,21 @@ from gpudeconv import bench
 
 def pytest_addoption(parser):
     group = parser.getgroup("gpudeconv bench")
-    group.addoption("--rl-size", type=int, default=2048,
-                    help="image side of the CPU cases (default 2048)")
-    group.addoption("--rl-gpu-size", type=int, default=4096,
-                    help="image side of the GPU-only cases (default 4096)")
-    group.addoption("--rl-iterations", type=int, default=20,
-                    help="RL iterations per call (default 20)")
-    group.addoption("--rl-psf-size", type=int, default=25,
-                    help="side of the Moffat PSF (default 25)")
+    group.addoption(
+        "--rl-size", type=int, default=2048, help="image side of the CPU cases (default 2048)"
+    )
+    group.addoption(
+        "--rl-gpu-size",
+        type=int,
+        default=4096,
+        help="image side of the GPU-only cases (default 4096)",
+    )
+    group.addoption(
+        "--rl-iterations", type=int, default=20, help="RL iterations per call (default 20)"
+    )
+    group.addoption(
+        "--rl-psf-size", type=int, default=25, help="side of the Moffat PSF (default 25)"
+    )
 
 
 @pytest.fixture(scope="session")

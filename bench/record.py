@@ -36,8 +36,12 @@ def main(argv=None) -> int:
     backend = get_backend(args.backend)
     load_before = os.getloadavg()
     results = run_bench(
-        size=args.size, iterations=args.iterations, backend=backend, psf_size=args.psf_size,
-        peers=not args.no_peers, repeats=args.repeats,
+        size=args.size,
+        iterations=args.iterations,
+        backend=backend,
+        psf_size=args.psf_size,
+        peers=not args.no_peers,
+        repeats=args.repeats,
     )
     load_after = os.getloadavg()
     kind = "gpu" if backend.name == "cupy" else "cpu"

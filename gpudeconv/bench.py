@@ -21,14 +21,12 @@ this module and ``bench/results/`` the recorded figures.
 
 from __future__ import annotations
 
-import gc
 import importlib.metadata
 import json
 import os
 import platform
 import sys
 import time
-import tracemalloc
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -49,7 +47,6 @@ __all__ = [
     "PEERS",
     "fftconvolve_rl",
     "format_results",
-    "measure_peak_memory",
     "plain_cupy_rl",
     "plain_scipy_rl",
     "record_metadata",
@@ -235,43 +232,6 @@ def throughput(size: int, iterations: int, seconds: float) -> float:
     return size * size * iterations / seconds / 1e6
 
 
-def measure_peak_memory(function: Callable[[], object], backend: Backend) -> int | None:
-    """Run ``function()`` once and return the memory it allocated at its peak, in bytes.
-
-    CPU: ``tracemalloc`` (NumPy reports its buffers to it), peak minus the traced size before the
-    call. GPU: the growth of CuPy's memory pool, after freeing its unused blocks and clearing the
-    FFT plan cache so that cuFFT work areas are counted. None for an unknown backend.
-    """
-    if backend.name == "cupy":
-        xp = backend.xp
-        pool = xp.get_default_memory_pool()
-        xp.fft.config.get_plan_cache().clear()
-        gc.collect()
-        backend.synchronize()
-        pool.free_all_blocks()
-        before = pool.total_bytes()
-        result = function()
-        backend.synchronize()
-        peak = pool.total_bytes() - before
-        del result
-        return int(peak)
-    if backend.name == "numpy":
-        started = not tracemalloc.is_tracing()
-        if started:
-            tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            before, _ = tracemalloc.get_traced_memory()
-            result = function()
-            _, peak = tracemalloc.get_traced_memory()
-            del result
-        finally:
-            if started:
-                tracemalloc.stop()
-        return int(peak - before)
-    return None
-
-
 def _time_once(function: Callable[[], object], backend: Backend) -> float:
     backend.synchronize()
     start = time.perf_counter()
@@ -394,7 +354,7 @@ def run_bench(
             return function(image, psf, iterations)
 
         _time_once(call, where)  # builds FFT plans, measured FFT lengths, compiled kernels
-        peak = measure_peak_memory(call, where) if measure_memory else None
+        peak = where.peak_memory(call) if measure_memory else None
         calls.append((name, call, where, peak))
     # Rounds interleave the implementations, so that a busy spell on a shared machine slows
     # all of them rather than one, and rotate their order, so that none always runs right after

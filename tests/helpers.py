@@ -30,3 +30,18 @@ def star_field(shape=(160, 176), *, seed=0, n_stars=60, sky=50.0, fwhm=3.0, nois
         blurred += rng.normal(0, 3.0, shape)
         blurred = np.clip(blurred, 0, None)  # a stacked, non-negative frame
     return blurred.astype(np.float32)
+
+
+def reference_rl(observed, psf, iterations):
+    """RL as the seed states it, in float64 with scipy.signal (no gpudeconv code): reflect-pad by
+    the PSF radius, start from the observed image, u <- u * (h~ * (d / (h * u)))."""
+    d = np.asarray(observed, dtype=np.float64)
+    h = np.asarray(psf, dtype=np.float64)
+    h = h / h.sum()
+    ry, rx = h.shape[0] // 2, h.shape[1] // 2
+    padded = np.pad(d, ((ry, ry), (rx, rx)), mode="reflect")
+    u = padded.copy()
+    for _ in range(iterations):
+        blurred = scipy.signal.fftconvolve(u, h, mode="same")
+        u = u * scipy.signal.fftconvolve(padded / blurred, h[::-1, ::-1], mode="same")
+    return u[ry : ry + d.shape[0], rx : rx + d.shape[1]]

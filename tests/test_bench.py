@@ -7,25 +7,10 @@ import math
 
 import numpy as np
 import pytest
-import scipy.signal
+from helpers import reference_rl
 
 import gpudeconv as gd
 from gpudeconv import bench
-
-
-def reference_rl(image, psf, iterations):
-    """Tiny float64 RL by direct sums (no FFT): reflect-pad by the PSF radius, zero outside."""
-    image = np.asarray(image, dtype=np.float64)
-    psf = np.asarray(psf, dtype=np.float64)
-    psf = psf / psf.sum()
-    ry, rx = psf.shape[0] // 2, psf.shape[1] // 2
-    observed = np.pad(image, ((ry, ry), (rx, rx)), mode="reflect")
-    estimate = observed.copy()
-    for _ in range(iterations):
-        blurred = scipy.signal.convolve2d(estimate, psf, mode="same", boundary="fill")
-        ratio = observed / blurred
-        estimate *= scipy.signal.correlate2d(ratio, psf, mode="same", boundary="fill")
-    return estimate[ry:-ry, rx:-rx]
 
 
 @pytest.fixture(scope="module")

@@ -4,26 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.signal
-from helpers import star_field, to_numpy
+from helpers import reference_rl, star_field, to_numpy
 
 import gpudeconv as gd
 from gpudeconv import GpudeconvError, GpudeconvWarning
-
-
-def reference_rl(observed, psf, iterations):
-    """RL as the seed states it, in float64 with scipy.signal (no gpudeconv code): reflect-pad by
-    the PSF radius, start from the observed image, u <- u * (h~ * (d / (h * u)))."""
-    d = np.asarray(observed, dtype=np.float64)
-    h = np.asarray(psf, dtype=np.float64)
-    h = h / h.sum()
-    ry, rx = h.shape[0] // 2, h.shape[1] // 2
-    padded = np.pad(d, ((ry, ry), (rx, rx)), mode="reflect")
-    u = padded.copy()
-    for _ in range(iterations):
-        blurred = scipy.signal.fftconvolve(u, h, mode="same")
-        u = u * scipy.signal.fftconvolve(padded / blurred, h[::-1, ::-1], mode="same")
-    return u[ry : ry + d.shape[0], rx : rx + d.shape[1]]
 
 
 def relative_error(result, reference, margin):

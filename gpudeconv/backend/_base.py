@@ -139,6 +139,10 @@ class Backend(abc.ABC):
 
     # ------------------------------------------------------------------ facts
     @abc.abstractmethod
+    def peak_memory(self, function) -> int:
+        """Run ``function()`` once; return the memory it allocated at its peak, in bytes."""
+
+    @abc.abstractmethod
     def memory_info(self) -> MemoryInfo:
         """Free and total memory that arrays of this backend draw on."""
 

@@ -6,6 +6,8 @@ lazily by :func:`gpudeconv.backend.get_backend`, so the package imports on machi
 
 from __future__ import annotations
 
+import gc
+
 import cupy
 import cupyx.scipy.fft
 import cupyx.scipy.ndimage
@@ -115,6 +117,21 @@ class CuPyBackend(Backend):
         )
 
     # ------------------------------------------------------------------ facts
+    def peak_memory(self, function) -> int:
+        # Growth of CuPy's pool, after freeing its unused blocks and clearing the FFT plan cache
+        # so that cuFFT work areas are counted too.
+        pool = cupy.get_default_memory_pool()
+        cupy.fft.config.get_plan_cache().clear()
+        gc.collect()
+        self.synchronize()
+        pool.free_all_blocks()
+        before = pool.total_bytes()
+        result = function()
+        self.synchronize()
+        peak = pool.total_bytes() - before
+        del result
+        return int(peak)
+
     def memory_info(self) -> MemoryInfo:
         free, total = cupy.cuda.Device().mem_info
         # Blocks held by CuPy's pool are free for our arrays too.

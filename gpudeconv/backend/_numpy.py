@@ -6,6 +6,7 @@ import functools
 import os
 import platform
 import time
+import tracemalloc
 
 import numpy as np
 import scipy.fft
@@ -154,6 +155,22 @@ class NumPyBackend(Backend):
         np.multiply(estimate, correction, out=estimate, where=has_data)
 
     # ------------------------------------------------------------------ facts
+    def peak_memory(self, function) -> int:
+        # NumPy reports its buffers to tracemalloc (FFT library scratch is not included).
+        started = not tracemalloc.is_tracing()
+        if started:
+            tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            before, _ = tracemalloc.get_traced_memory()
+            result = function()
+            _, peak = tracemalloc.get_traced_memory()
+            del result
+        finally:
+            if started:
+                tracemalloc.stop()
+        return int(peak - before)
+
     def memory_info(self) -> MemoryInfo:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         free = total
