@@ -25,7 +25,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -460,22 +459,10 @@ def record_metadata(results: Sequence[BenchResult], *, command: str) -> dict:
     versions = {
         "gpudeconv": __version__,
         "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
         "scikit-image": _version("scikit-image"),
-        "pyfftw": _version("pyFFTW", "pyfftw"),
-        "cupy": None,
     }
-    cuda = None
-    if "cupy" in sys.modules:
-        cupy = sys.modules["cupy"]
-        versions["cupy"] = cupy.__version__
-        try:
-            cuda = cupy.cuda.runtime.runtimeGetVersion()
-        except Exception:  # no device: versions are informative only
-            cuda = None
-    else:
-        versions["cupy"] = _version("cupy", "cupy-cuda12x", "cupy-cuda13x")
+    for name in sorted({result.backend for result in results}):
+        versions.update(get_backend(name).versions())  # numpy, scipy, pyfftw; cupy, CUDA
     try:
         usable_cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -490,7 +477,6 @@ def record_metadata(results: Sequence[BenchResult], *, command: str) -> dict:
             "usable_cpus": usable_cores,
             "platform": platform.platform(),
         },
-        "cuda_runtime": cuda,
         "environment": {name: os.environ[name] for name in _ENV_RECORDED if name in os.environ},
         "versions": versions,
     }
@@ -531,8 +517,6 @@ def write_record(
         "- Versions: "
         + ", ".join(f"{name} {value}" for name, value in meta["versions"].items() if value),
     ]
-    if meta["cuda_runtime"]:
-        lines.append(f"- CUDA runtime: {meta['cuda_runtime']}")
     environment = meta["environment"]
     lines.append(
         "- Environment: "

@@ -220,31 +220,25 @@ def _info(args) -> int:
     import platform
 
     import astropy
-    import scipy
 
     from .backend import _cupy_status, available_backends, get_backend
 
-    print(f"gpudeconv {__version__}")
-    print(
-        f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
-        f"astropy {astropy.__version__}"
-    )
-    usable, reason = _cupy_status()
+    python = platform.python_version()
+    print(f"gpudeconv {__version__}, python {python}, astropy {astropy.__version__}")
     print(f"backends: {', '.join(available_backends())}")
+    usable, reason = _cupy_status()
     if not usable:
         print(f"cupy: unavailable: {reason}")
-    else:
-        import cupy
-
-        print(f"cupy {cupy.__version__}, CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}")
     chosen = get_backend(args.backend)
     print(f"selected backend: {chosen.name}")
     for name in available_backends():
         backend = get_backend(name)
         memory = backend.memory_info()
+        libraries = ", ".join(f"{key} {value}" for key, value in backend.versions().items())
+        print(f"  {name}: {backend.device_name()}; {libraries}")
         print(
-            f"  {name}: {backend.device_name()}; {memory.kind} memory "
-            f"{memory.free / 2**30:.1f} GiB free of {memory.total / 2**30:.1f} GiB"
+            f"    {memory.kind} memory {memory.free / 2**30:.1f} GiB free "
+            f"of {memory.total / 2**30:.1f} GiB"
         )
     return 0
 

@@ -147,6 +147,10 @@ class Backend(abc.ABC):
         """Free and total memory that arrays of this backend draw on."""
 
     @abc.abstractmethod
+    def versions(self) -> dict[str, str]:
+        """Versions of the libraries this backend computes with (for ``info`` and records)."""
+
+    @abc.abstractmethod
     def device_name(self) -> str:
         """Human-readable name of the device (CPU model or GPU name)."""
 

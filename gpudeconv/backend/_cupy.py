@@ -139,6 +139,16 @@ class CuPyBackend(Backend):
         free += pool.total_bytes() - pool.used_bytes()
         return MemoryInfo(free=int(free), total=int(total), kind="device")
 
+    def versions(self) -> dict[str, str]:
+        def dotted(number: int) -> str:  # 13000 -> "13.0"
+            return f"{number // 1000}.{number % 1000 // 10}"
+
+        return {
+            "cupy": cupy.__version__,
+            "cuda runtime": dotted(cupy.cuda.runtime.runtimeGetVersion()),
+            "cuda driver": dotted(cupy.cuda.runtime.driverGetVersion()),
+        }
+
     def device_name(self) -> str:
         device = cupy.cuda.Device()
         name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"]

@@ -184,5 +184,13 @@ class NumPyBackend(Backend):
             pass
         return MemoryInfo(free=free, total=total, kind="host")
 
+    def versions(self) -> dict[str, str]:
+        found = {"numpy": np.__version__, "scipy": scipy.__version__}
+        if self.fft_library == "pyfftw":
+            import pyfftw
+
+            found["pyfftw"] = pyfftw.__version__
+        return found
+
     def device_name(self) -> str:
         return f"{_cpu_name()} ({os.cpu_count()} cores, {self.fft_library})"
