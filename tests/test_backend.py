@@ -186,3 +186,28 @@ def test_fftw_wisdom_is_kept_on_disk(tmp_path, monkeypatch):
     stored = list(tmp_path.glob("fftw-wisdom-*.json"))
     assert len(stored) == 1 and stored[0].stat().st_size > 100
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_row_parallel_passes_cover_every_row_once():
+    from gpudeconv.backend._numpy import NumPyBackend
+    from gpudeconv.backend._parallel import by_rows
+
+    rng = np.random.default_rng(5)
+    shape = (1201, 1003)  # above the parallel threshold, rows not divisible by the workers
+    observed = rng.random(shape, dtype=np.float32) * 100
+    blurred = rng.random(shape, dtype=np.float32) * 100
+    blurred[::97] = 0.0
+    weight = (rng.random(shape) > 0.2).astype(np.float32)
+    backend = NumPyBackend()
+    ratio = backend.rl_ratio(observed, blurred.copy(), weight)
+    np.testing.assert_allclose(ratio, weight * observed / np.maximum(blurred, RATIO_EPS), rtol=1e-6)
+    visits = np.zeros(shape, dtype=np.int32)
+    by_rows(lambda block: np.add(block, 1, out=block), visits)
+    assert (visits == 1).all()
+    estimate = rng.random(shape, dtype=np.float32)
+    correction = rng.random(shape, dtype=np.float32)
+    norm = rng.random(shape, dtype=np.float32)
+    updated = estimate.copy()
+    backend.rl_update(updated, correction.copy(), norm)
+    expected = np.where(norm > NORM_FLOOR, estimate * correction / norm, estimate)
+    np.testing.assert_allclose(updated, expected, rtol=1e-6)

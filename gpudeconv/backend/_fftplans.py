@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import scipy.fft
 
+from ._parallel import by_rows
+
 __all__ = ["FFTPlan", "fftw_available", "get_plan"]
 
 #: Plans kept per thread; each holds three buffers of the padded image's size.
@@ -73,7 +75,7 @@ class FFTPlan:
         height, width = x.shape
         if height < self._extent[0] or width < self._extent[1]:
             self.real[...] = 0  # a larger image was here before: clear what it left outside
-        self.real[:height, :width] = x
+        by_rows(np.copyto, self.real[:height, :width], x)
         self._extent = (height, width)
 
     def transform(self, transfer):
@@ -120,7 +122,7 @@ class FFTWPlan(FFTPlan):
 
     def transform(self, transfer):
         self._forward()
-        self.spectrum *= transfer
+        by_rows(np.multiply, self.spectrum, transfer, self.spectrum)
         self._backward()  # normalized by 1/N, as numpy's irfft2
         return self.out
 

@@ -15,6 +15,7 @@ import scipy.ndimage
 from .._errors import GpudeconvError
 from ._base import NORM_FLOOR, RATIO_EPS, Backend, MemoryInfo
 from ._fftplans import fftw_available, get_plan
+from ._parallel import by_rows
 
 __all__ = ["NumPyBackend"]
 
@@ -128,8 +129,8 @@ class NumPyBackend(Backend):
         plan = get_plan(fft_shape, x.dtype, library=self.fft_library, workers=self.workers)
         window = plan.convolve(x, otf)[: x.shape[0], : x.shape[1]]
         if out is None:
-            return window.copy()  # the plan reuses its buffers
-        out[...] = window
+            out = np.empty_like(window)  # the plan reuses its buffers
+        by_rows(np.copyto, out, window)
         return out
 
     def direct_convolve(self, x, kernel, *, adjoint: bool = False, out=None):
@@ -139,20 +140,17 @@ class NumPyBackend(Backend):
 
     # ------------------------------------------------------------------ fused RL steps
     def rl_ratio(self, observed, blurred, weight=None):
-        ratio = blurred
-        np.maximum(blurred, RATIO_EPS, out=ratio)
-        np.divide(observed, ratio, out=ratio)
-        if weight is not None:
-            ratio *= weight
-        return ratio
+        if weight is None:
+            by_rows(_ratio, observed, blurred)
+        else:
+            by_rows(_weighted_ratio, observed, blurred, weight)
+        return blurred
 
     def rl_update(self, estimate, correction, norm=None) -> None:
         if norm is None:
-            estimate *= correction
-            return
-        has_data = norm > NORM_FLOOR
-        np.divide(correction, norm, out=correction, where=has_data)
-        np.multiply(estimate, correction, out=estimate, where=has_data)
+            by_rows(np.multiply, estimate, correction, estimate)
+        else:
+            by_rows(_normalized_update, estimate, correction, norm)
 
     # ------------------------------------------------------------------ facts
     def peak_memory(self, function) -> int:
@@ -194,3 +192,20 @@ class NumPyBackend(Backend):
 
     def device_name(self) -> str:
         return f"{_cpu_name()} ({os.cpu_count()} cores, {self.fft_library})"
+
+
+# The NumPy twins of kernels/rl_steps.cu, applied to row blocks by by_rows.
+def _ratio(observed, blurred):
+    np.maximum(blurred, RATIO_EPS, out=blurred)
+    np.divide(observed, blurred, out=blurred)
+
+
+def _weighted_ratio(observed, blurred, weight):
+    _ratio(observed, blurred)
+    blurred *= weight
+
+
+def _normalized_update(estimate, correction, norm):
+    has_data = norm > NORM_FLOOR
+    np.divide(correction, norm, out=correction, where=has_data)
+    np.multiply(estimate, correction, out=estimate, where=has_data)
