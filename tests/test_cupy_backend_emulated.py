@@ -1,0 +1,239 @@
+"""The CuPy backend, run without a GPU: fake ``cupy`` (tests/fake_cupy.py) and emulated kernels.
+
+``gpudeconv.backend._cupy`` is imported afresh against the fake, so its own launch code — the
+``#define`` lines it puts in front of ``kernels/rl_steps.cu``, the kernel it picks by dtype, its
+grid and block, the C types of its scalars, the arrays it passes — runs the unchanged ``.cu``
+through tests/kernel_harness.py. Every result is compared with the NumPy backend's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import fake_cupy
+import kernel_harness as kh
+import numpy as np
+import pytest
+from helpers import star_field
+from test_kernels_emulated import RTOL, rl_data
+
+import gpudeconv as gd
+from gpudeconv import GpudeconvError
+from gpudeconv.backend import is_cupy_array
+from gpudeconv.backend._numpy import NumPyBackend
+
+pytestmark = pytest.mark.skipif(
+    kh.compiler() is None, reason="g++ not found: the CUDA emulation compiles kernels for the CPU"
+)
+
+SHAPE = (61, 75)
+
+
+@pytest.fixture(scope="session")
+def emulation_dir(tmp_path_factory):
+    """Built kernels for this session (``GPUDECONV_EMU_CACHE`` makes it persistent)."""
+    configured = os.environ.get("GPUDECONV_EMU_CACHE")
+    return configured if configured else tmp_path_factory.mktemp("fake-cupy-kernels")
+
+
+@pytest.fixture
+def fake(monkeypatch, emulation_dir):
+    """The fake cupy installed for one test; ``gpudeconv.backend._cupy`` imported under it."""
+    return fake_cupy.install(monkeypatch, cache_dir=emulation_dir)
+
+
+@pytest.fixture
+def cupy_backend(fake):
+    return gd.get_backend("cupy")
+
+
+def cupy_module():
+    """The freshly imported ``gpudeconv.backend._cupy`` (under the fake)."""
+    return sys.modules["gpudeconv.backend._cupy"]
+
+
+def sky_with_nodata(dtype=np.float32, seed=5, shape=SHAPE) -> np.ndarray:
+    """A noisy star field (61x75 by default) with a few non-finite (no-data) pixels."""
+    image = star_field(shape, seed=seed, n_stars=15).astype(dtype)
+    image[3, 4] = image[30, 40] = image[60, 0] = np.nan
+    image[17, -1] = np.inf
+    return image
+
+
+# ---------------------------------------------------------------------------- the fake itself
+def test_the_fake_is_cupy_to_the_package(fake, cupy_backend):
+    cp = fake.cupy
+    device = cp.asarray(np.arange(6.0).reshape(2, 3))
+    assert is_cupy_array(device) and type(device).__module__ == "cupy"
+    host = device.get()
+    assert type(host) is np.ndarray and host.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert "cupy" in gd.available_backends()
+    assert type(cupy_backend).__name__ == "CuPyBackend" and cupy_backend.xp is cp
+    assert gd.get_backend("cupy") is cupy_backend
+    assert cupy_backend.device_name() == "Fake CUDA Device (CPU emulation) (GPU 0, sm_90)"
+    memory = cupy_backend.memory_info()
+    assert memory.kind == "device" and 0 < memory.free <= memory.total
+    # CuPy's rules that the backend relies on or must respect:
+    assert cp.ascontiguousarray(device) is device
+    assert cp.fft.rfft2(cp.ones((4, 6), np.float32)).dtype == np.complex64
+    assert cp.fft.irfft2(cp.ones((4, 4), np.complex64), s=(4, 6)).dtype == np.float32
+    assert is_cupy_array(device.sum()) and device.sum().ndim == 0  # 0-d arrays, not scalars
+    with pytest.raises(TypeError, match="Unsupported type"):
+        device + np.ones((2, 3))
+    with pytest.raises(TypeError, match="device arrays only"):
+        cp.ascontiguousarray(np.ones(3))
+    assert cupy_backend.fft_length(11) == 12 and cupy_backend.fft_length(127) == 128
+
+
+def test_no_device_means_no_cupy_backend(fake):
+    fake.runtime_error = fake_cupy.NO_DEVICE
+    assert gd.available_backends() == ["numpy"]
+    with pytest.raises(GpudeconvError, match="cudaErrorNoDevice"):
+        gd.get_backend("cupy")
+    assert gd.get_backend("auto").name == "numpy"
+
+
+def test_the_fake_leaves_no_trace(emulation_dir):
+    from gpudeconv import backend
+
+    before = {name: sys.modules.get(name) for name in (*fake_cupy.MODULE_NAMES, "cupy")}
+    status, make = backend._cupy_status, backend._make
+    had_cupy_module = "gpudeconv.backend._cupy" in sys.modules
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        fake = fake_cupy.install(monkeypatch, cache_dir=emulation_dir)
+        assert gd.get_backend("cupy").name == "cupy"
+        assert sys.modules["cupy"] is fake.cupy and backend._cupy.cupy is fake.cupy
+    assert {name: sys.modules.get(name) for name in before} == before
+    assert backend._cupy_status is status and backend._make is make
+    assert ("gpudeconv.backend._cupy" in sys.modules) == had_cupy_module
+    if not had_cupy_module:
+        assert not hasattr(backend, "_cupy")
+        assert "cupy" not in gd.available_backends()
+
+
+# ---------------------------------------------------------------------------- fused steps
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
+def test_rl_ratio_matches_numpy(fake, cupy_backend, dtype, weighted):
+    d = rl_data(dtype)
+    weight = d["weight"] if weighted else None
+    expected = NumPyBackend().rl_ratio(d["observed"], d["blurred"].copy(), weight)
+    cp = fake.cupy
+    blurred = cp.asarray(d["blurred"])
+    ratio = cupy_backend.rl_ratio(
+        cp.asarray(d["observed"]), blurred, None if weight is None else cp.asarray(weight)
+    )
+    assert ratio is blurred  # in place, like the NumPy twin
+    np.testing.assert_allclose(ratio.get(), expected, rtol=RTOL[dtype], atol=0)
+    (launch,) = fake.launches
+    assert launch.name == f"gpudeconv_rl_ratio_{dtype}"
+    assert len(launch.grid) == 1 and launch.block == (256,)
+    assert launch.argument_types == (*[f"{dtype}*"] * 4, "int32", dtype, "int32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("with_norm", [True, False], ids=["norm", "no-norm"])
+def test_rl_update_matches_numpy(fake, cupy_backend, dtype, with_norm):
+    d = rl_data(dtype)
+    norm = d["norm"] if with_norm else None
+    expected = d["estimate"].copy()
+    NumPyBackend().rl_update(expected, d["correction"].copy(), norm)
+    cp = fake.cupy
+    estimate = cp.asarray(d["estimate"])
+    result = cupy_backend.rl_update(
+        estimate, cp.asarray(d["correction"]), None if norm is None else cp.asarray(norm)
+    )
+    assert result is None
+    np.testing.assert_allclose(estimate.get(), expected, rtol=RTOL[dtype], atol=0)
+    assert [launch.name for launch in fake.launches] == [f"gpudeconv_rl_update_{dtype}"]
+
+
+# ---------------------------------------------------------------------------- the whole restoration
+@pytest.mark.parametrize(
+    ("shape", "psf_size", "method"),
+    [
+        pytest.param(SHAPE, 11, "fft", id="fft-11x11"),
+        # 66 + 3 * 5 = 81 = 3**4: an odd last FFT axis, which irfft2 gets right only with s=.
+        pytest.param((61, 66), 11, "fft", id="fft-11x11-odd-width"),
+        pytest.param(SHAPE, 5, "direct", id="direct-5x5"),
+    ],
+)
+def test_richardson_lucy_matches_numpy(fake, shape, psf_size, method):
+    image = sky_with_nodata(shape=shape)
+    psf = gd.psf.gaussian(1.6, size=psf_size)
+    assert gd.operators.Convolution(psf).method == method
+    if shape[1] == 66:  # image + reflected border (2 radii) + the FFT's zero margin (1 radius)
+        assert gd.get_backend("cupy").fft_length(66 + 3 * 5) == 81
+    expected = gd.richardson_lucy(image, psf, 5, backend="numpy")
+
+    result = gd.richardson_lucy(fake.cupy.asarray(image), psf, 5, backend="cupy")
+    assert is_cupy_array(result) and result.dtype == np.float32 and result.shape == shape
+    host = result.get()
+    np.testing.assert_array_equal(np.isnan(host), ~np.isfinite(image))
+    valid = np.isfinite(image)
+    # float32 FFTs of different lengths (cuFFT's 2-3-5-7 against the CPU's) round differently:
+    # up to 1.1e-5 of a faint pixel beside a star, 6e-7 of the peak; direct sums agree exactly.
+    peak = np.abs(expected[valid]).max()
+    np.testing.assert_allclose(host[valid], expected[valid], rtol=1e-5, atol=1e-6 * peak)
+    assert not np.allclose(host[valid], image[valid], rtol=1e-3)  # it did restore something
+
+    # Two fused steps an iteration, through the emulated kernels; the module built once.
+    names = [launch.name for launch in fake.launches]
+    assert names == ["gpudeconv_rl_ratio_float32", "gpudeconv_rl_update_float32"] * 5
+    assert len(fake.raw_modules) == 1 and "#define IDX int\n" in fake.raw_modules[0].code
+
+
+def test_numpy_input_on_the_cupy_backend_comes_back_as_numpy(fake):
+    image = sky_with_nodata(np.float64, seed=9)
+    psf = gd.psf.gaussian(1.3, size=5)
+    expected = gd.richardson_lucy(image, psf, 3, backend="numpy")
+    result = gd.richardson_lucy(image, psf, 3, backend="cupy")
+    assert type(result) is np.ndarray and result.dtype == np.float64
+    np.testing.assert_allclose(result, expected, rtol=1e-12, atol=0, equal_nan=True)
+    assert {launch.name for launch in fake.launches} == {
+        "gpudeconv_rl_ratio_float64",
+        "gpudeconv_rl_update_float64",
+    }
+
+
+# ---------------------------------------------------------------------------- it can fail
+def test_launch_mistakes_are_caught(fake, cupy_backend):
+    cp = fake.cupy
+    a = cp.ones(300, np.float32)
+    kernel = cupy_module()._rl_kernel("ratio", a)
+    n, eps, no = np.int32(a.size), np.float32(1e-12), np.int32(0)
+    kernel((2,), (256,), (a, a, a, a, n, eps, no))  # the right call runs
+    with pytest.raises(TypeError, match="pass np.int32.*got int"):
+        kernel((2,), (256,), (a, a, a, a, a.size, eps, no))  # Python int -> long long
+    with pytest.raises(TypeError, match="pass np.float32.*got float64"):
+        kernel((2,), (256,), (a, a, a, a, n, 1e-12, no))  # Python float -> double
+    with pytest.raises(TypeError, match="expected tuple, got list"):
+        kernel([2], (256,), (a, a, a, a, n, eps, no))
+    with pytest.raises(TypeError, match="expected tuple, got int"):
+        kernel((2,), 256, (a, a, a, a, n, eps, no))
+    with pytest.raises(TypeError, match="numpy.ndarray of shape"):
+        kernel((2,), (256,), (a.get(), a, a, a, n, eps, no))  # a host array
+    with pytest.raises(TypeError, match="got a float64 array"):
+        kernel((2,), (256,), (a, a, a.astype(np.float64), a, n, eps, no))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernel((1,), (256,), (a[::2], a[::2], a[::2], a[::2], np.int32(150), eps, no))
+    with pytest.raises(kh.KernelError, match="AddressSanitizer"):
+        kernel((2,), (256,), (a, a, a, a, np.int32(a.size + 1), eps, no))  # n too large
+
+
+def test_a_backend_that_passes_python_ints_fails(fake, cupy_backend, monkeypatch):
+    """What the tests above would say if _cupy.py had the classic mistakes."""
+    cp = fake.cupy
+    d = rl_data("float32")
+    observed, blurred = cp.asarray(d["observed"]), cp.asarray(d["blurred"])
+    module = cupy_module()
+    with monkeypatch.context() as broken:
+        broken.setattr(module, "_index", lambda array: array.size)
+        with pytest.raises(TypeError, match="argument 4 is a C int32: pass np.int32"):
+            cupy_backend.rl_ratio(observed, blurred)
+    with monkeypatch.context() as broken:
+        broken.setattr(module, "_launch_shape", lambda size: ([8], [256]))
+        with pytest.raises(TypeError, match="Argument 'grid' has incorrect type"):
+            cupy_backend.rl_ratio(observed, blurred)
+    assert fake.launches == []
