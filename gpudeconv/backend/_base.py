@@ -115,7 +115,8 @@ class Backend(abc.ABC):
         spectrum *= otf
         window = self.irfft2(spectrum, fft_shape)[: x.shape[0], : x.shape[1]]
         if out is None:
-            return window
+            # contiguous, so the fused kernels need no copy and the full FFT array is freed
+            return self.xp.ascontiguousarray(window)
         out[...] = window
         return out
 

@@ -92,11 +92,13 @@ class CuPyBackend(Backend):
         return operation(x, kernel, output=out, mode="constant", cval=0.0)
 
     # ------------------------------------------------------------------ fused RL steps
+    # The kernels read raw pointers: every array is made C-contiguous in the kernel's dtype
+    # (a no-op in the RL loop, where they already are).
     def rl_ratio(self, observed, blurred, weight=None):
         ratio = cupy.ascontiguousarray(blurred)
-        observed = cupy.ascontiguousarray(observed)
+        observed = cupy.ascontiguousarray(observed, dtype=ratio.dtype)
         has_weight = weight is not None
-        weight = cupy.ascontiguousarray(weight) if has_weight else observed
+        weight = cupy.ascontiguousarray(weight, dtype=ratio.dtype) if has_weight else observed
         eps = ratio.dtype.type(RATIO_EPS)
         grid, block = _launch_shape(ratio.size)
         _rl_kernel("ratio", ratio)(
@@ -107,9 +109,12 @@ class CuPyBackend(Backend):
         return ratio
 
     def rl_update(self, estimate, correction, norm=None) -> None:
-        correction = cupy.ascontiguousarray(correction)
+        if not estimate.flags.c_contiguous:
+            msg = "rl_update writes the estimate in place: it must be C-contiguous"
+            raise ValueError(msg)
+        correction = cupy.ascontiguousarray(correction, dtype=estimate.dtype)
         has_norm = norm is not None
-        norm = cupy.ascontiguousarray(norm) if has_norm else correction
+        norm = cupy.ascontiguousarray(norm, dtype=estimate.dtype) if has_norm else correction
         floor = estimate.dtype.type(NORM_FLOOR)
         grid, block = _launch_shape(estimate.size)
         _rl_kernel("update", estimate)(
