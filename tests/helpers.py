@@ -34,16 +34,35 @@ def star_field(shape=(160, 176), *, seed=0, n_stars=60, sky=50.0, fwhm=3.0, nois
     return blurred.astype(np.float32)
 
 
-def reference_rl(observed, psf, iterations):
-    """RL as the seed states it, in float64 with scipy.signal (no gpudeconv code): reflect-pad by
-    the PSF radius, start from the observed image, u <- u * (h~ * (d / (h * u)))."""
+def reference_rl(observed, psf, iterations, *, unobserved_ring=True):
+    """RL as the seed states it, in float64 with scipy.signal (no gpudeconv code).
+
+    Reflect-pad by the PSF radius and start from the observed image;
+    u <- u * (h~ * (d / (h * u))). With ``unobserved_ring`` the estimate reaches one more PSF
+    radius beyond the padded frame, with no data there (weight 0) and the update normalized by
+    h~ * w (Bertero & Boccacci 2005, as gpudeconv does); without it, everything beyond the
+    padded frame is zero (the plain scheme of the benchmark peers).
+    """
     d = np.asarray(observed, dtype=np.float64)
     h = np.asarray(psf, dtype=np.float64)
     h = h / h.sum()
     ry, rx = h.shape[0] // 2, h.shape[1] // 2
-    padded = np.pad(d, ((ry, ry), (rx, rx)), mode="reflect")
-    u = padded.copy()
+    frame = ((ry, ry), (rx, rx))
+    padded = np.pad(d, frame, mode="reflect")
+    if unobserved_ring:
+        weight = np.pad(np.ones_like(padded), frame)
+        data = np.pad(padded, frame)
+        u = np.pad(padded, frame, mode="edge")
+    else:
+        weight, data, u = np.ones_like(padded), padded, padded.copy()
+    norm = scipy.signal.fftconvolve(weight, h[::-1, ::-1], mode="same")
+    if not unobserved_ring:
+        norm = np.ones_like(norm)  # the plain iteration: no normalization
+    seen = norm > 1e-3
     for _ in range(iterations):
         blurred = scipy.signal.fftconvolve(u, h, mode="same")
-        u = u * scipy.signal.fftconvolve(padded / blurred, h[::-1, ::-1], mode="same")
-    return u[ry : ry + d.shape[0], rx : rx + d.shape[1]]
+        ratio = np.where(weight > 0, data / np.where(weight > 0, blurred, 1.0), 0.0)
+        correction = scipy.signal.fftconvolve(ratio, h[::-1, ::-1], mode="same")
+        u = np.where(seen, u * correction / np.where(seen, norm, 1.0), u)
+    offset_y, offset_x = (2 * ry, 2 * rx) if unobserved_ring else (ry, rx)
+    return u[offset_y : offset_y + d.shape[0], offset_x : offset_x + d.shape[1]]

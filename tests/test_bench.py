@@ -33,7 +33,7 @@ def test_star_field_is_positive_float32_with_stars():
 @pytest.mark.parametrize("peer", ["plain_scipy_rl", "fftconvolve_rl"])
 def test_plain_peers_match_reference_rl(scene, peer):
     image, psf = scene
-    expected = reference_rl(image, psf, 6)
+    expected = reference_rl(image, psf, 6, unobserved_ring=False)
     restored = getattr(bench, peer)(image, psf, 6)
     assert restored.shape == image.shape and restored.dtype == np.float32
     # RL sharpened the stars (a no-op or a wrong operator would not match below anyway)
@@ -44,7 +44,11 @@ def test_plain_peers_match_reference_rl(scene, peer):
 def test_plain_scipy_rl_matches_gpudeconv(scene):
     image, psf = scene
     ours = gd.richardson_lucy(image, psf, 6, backend="numpy")
-    np.testing.assert_allclose(bench.plain_scipy_rl(image, psf, 6), ours, rtol=1e-4, atol=1e-2)
+    peer = bench.plain_scipy_rl(image, psf, 6)
+    # The same iteration; only the border rule differs (gpudeconv estimates an unobserved ring
+    # beyond the reflected frame, the peer takes zeros there), which shows within 2 PSF radii.
+    inner = (slice(10, -10), slice(10, -10))
+    np.testing.assert_allclose(peer[inner], ours[inner], rtol=1e-4, atol=1e-4 * peer.max())
 
 
 def test_skimage_peer_does_not_clip(scene):

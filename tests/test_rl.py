@@ -207,3 +207,26 @@ def test_deconvolve_entry_reads_paths_and_refuses_missing_psf(tmp_path):
         gd.deconvolve(image)
     with pytest.raises(GpudeconvError, match="method must be"):
         gd.deconvolve(image, psf, method="magic")
+
+
+def test_flat_image_stays_flat_up_to_the_borders(backend):
+    flat = np.full((96, 110), 100.0, dtype=np.float32)
+    result = to_numpy(gd.richardson_lucy(flat, gd.psf.moffat(4.0), 100, backend=backend))
+    assert np.abs(result - 100.0).max() < 1e-3  # zeros beyond the padding would darken the edges
+
+
+def test_nodata_next_to_the_border(backend):
+    image = np.full((80, 90), 100.0, dtype=np.float32)
+    image[:, 1] = np.nan
+    result = to_numpy(gd.richardson_lucy(image, gd.psf.moffat(4.0), 30, backend=backend))
+    assert np.isnan(result[:, 1]).all()
+    np.testing.assert_allclose(result[:, 0], 100.0, rtol=1e-3)
+
+
+@pytest.mark.parametrize("scale", [1e-16, 1e12])
+def test_result_does_not_depend_on_the_data_units(backend, scale):
+    image = star_field(shape=(64, 72), seed=13)
+    psf = gd.psf.gaussian(2.5, size=11)
+    reference = to_numpy(gd.richardson_lucy(image, psf, 10, backend=backend))
+    scaled = to_numpy(gd.richardson_lucy(image * np.float32(scale), psf, 10, backend=backend))
+    np.testing.assert_allclose(scaled / np.float32(scale), reference, rtol=1e-4, atol=1e-4)

@@ -98,11 +98,12 @@ def richardson_lucy(
 
     .. math:: u \\leftarrow \\frac{u}{H^T w} \\cdot H^T\\!\\left(\\frac{w\\, d}{H u}\\right)
 
-    (without no-data pixels :math:`H^T w = 1` inside the frame and is left out, which is the
-    plain iteration of [1]_ and [2]_). The estimate starts from the observed image. The image is
-    padded by reflection by the PSF radius so the borders do not darken or ring; data with
-    negative values is lifted by a constant pedestal for the fit (with a warning) and lowered
-    after, since RL needs non-negative data.
+    Inside the frame :math:`H^T w = 1` and this is the plain iteration of [1]_ and [2]_. The
+    estimate starts from the observed image. The image is padded by reflection by the PSF
+    radius, and the estimate reaches one more radius beyond, unobserved (:math:`w = 0`) [3]_, so
+    borders neither darken nor ring and a flat image stays flat. Data with negative values is
+    lifted by a constant pedestal for the fit (with a warning) and lowered after, since RL
+    needs non-negative data.
 
     References
     ----------
@@ -110,6 +111,9 @@ def richardson_lucy(
            JOSA 62, 55. :doi:`10.1364/JOSA.62.000055`
     .. [2] Lucy, L. B. (1974), "An iterative technique for the rectification of observed
            distributions", AJ 79, 745. :doi:`10.1086/111605`
+    .. [3] Bertero, M. & Boccacci, P. (2005), "A simple method for the reduction of boundary
+           effects in the Richardson-Lucy approach to image deconvolution", A&A 437, 369.
+           :doi:`10.1051/0004-6361:20052717`
     """
     backend = backend_for(image, backend)
     _validate_image(image)
@@ -145,67 +149,81 @@ def richardson_lucy(
 
 
 def _restore_plane(observed, operator: Convolution, iterations: int, step):
-    """RL on one 2-D plane on ``operator``'s backend; returns the restored plane."""
+    """RL on one 2-D plane on ``operator``'s backend; returns the restored plane.
+
+    The plane is padded by reflection by the PSF radius (the padded pixels count as observed),
+    and the estimate extends by one more PSF radius of unobserved pixels (weight 0), so that the
+    blur of every observed pixel is computed from estimated light only, never from zeros
+    outside the array: a flat image is then an exact fixed point (Bertero & Boccacci 2005).
+    """
     backend = operator.backend
     xp = backend.xp
+    dtype = observed.dtype.type
     valid = xp.isfinite(observed)
     has_nodata = not bool(valid.all())
     if has_nodata and not bool(valid.any()):
         return xp.full_like(observed, np.nan)
-    data = xp.where(valid, observed, 0) if has_nodata else observed
-    pedestal = _pedestal(data[valid] if has_nodata else data)
-    if pedestal:
-        data = data + data.dtype.type(pedestal)
-        if has_nodata:
-            data = xp.where(valid, data, 0)
+    values = observed[valid] if has_nodata else observed
+    low, high = float(values.min()), float(values.max())
+    pedestal = _pedestal(low, high)
+    # RL does not depend on the data's scale; restoring at unit scale keeps the division guard
+    # meaningful for flux-calibrated data (pixel values of 1e-14 and less).
+    scale = (high + pedestal) or 1.0
+    data = (observed + dtype(pedestal)) * dtype(1 / scale)
+    if has_nodata:
+        data = xp.where(valid, data, dtype(0))
 
     ry, rx = operator.radius
-    pad = ((ry, ry), (rx, rx))
-    padded = (
-        xp.pad(data, pad, mode="reflect")
-        if min(data.shape) > max(ry, rx)
-        else xp.pad(data, pad, mode="symmetric")
-    )
-    weight = norm = None
+    frame = ((ry, ry), (rx, rx))
+    mode = "reflect" if min(data.shape) > max(ry, rx) else "symmetric"
+    padded = xp.pad(data, frame, mode=mode)
     if has_nodata:
-        weight = xp.pad(valid.astype(data.dtype), pad, mode="symmetric")
-        norm = operator.adjoint(weight)
-        # No-data pixels start from the mean of the data instead of 0, from which RL cannot move.
-        fill = data.dtype.type(float(data[valid].mean()))
-        estimate = xp.where(weight > 0, padded, fill)
+        observed_weight = xp.pad(valid.astype(data.dtype), frame, mode=mode)
     else:
-        estimate = padded.copy()
+        observed_weight = xp.ones_like(padded)
+    weight = xp.pad(observed_weight, frame)  # the unobserved ring: weight 0
+    extended = xp.pad(padded, frame)
+    estimate = xp.pad(padded, frame, mode="edge")
+    if has_nodata:
+        # No-data pixels start from the mean of the data instead of 0, from which RL cannot move.
+        fill = dtype(float(data[valid].mean()))
+        estimate = xp.where(xp.pad(observed_weight, frame, mode="edge") > 0, estimate, fill)
+    norm = operator.adjoint(weight)
 
     blurred = xp.empty_like(estimate)  # work buffers, allocated once
     correction = xp.empty_like(estimate)
     for _ in range(iterations):
         operator.forward(estimate, out=blurred)
-        ratio = backend.rl_ratio(padded, blurred, weight)
+        ratio = backend.rl_ratio(extended, blurred, weight)
         operator.adjoint(ratio, out=correction)
         backend.rl_update(estimate, correction, norm)
         step()
 
     height, width = observed.shape
-    restored = estimate[ry : ry + height, rx : rx + width]
+    restored = estimate[2 * ry : 2 * ry + height, 2 * rx : 2 * rx + width] * dtype(scale)
     if pedestal:
-        restored = restored - restored.dtype.type(pedestal)
+        restored -= dtype(pedestal)
     if has_nodata:
-        restored = xp.where(valid, restored, xp.nan).astype(observed.dtype, copy=False)
+        restored = xp.where(valid, restored, dtype(np.nan))
     return restored
 
 
-def _pedestal(values) -> float:
-    """The constant that lifts negative data to 0 (0 when the data is non-negative)."""
-    low = float(values.min())
+def _pedestal(low: float, high: float) -> float:
+    """The constant that lifts negative data just above 0 (0 when the data is non-negative).
+
+    The lowest pixel lands at a thousandth of the data's range rather than at 0, where the
+    multiplicative RL update could never move it.
+    """
     if low >= 0:
         return 0.0
+    pedestal = -low + 1e-3 * (high - low)
     warnings.warn(
         f"the image has negative values (minimum {low:.4g}); Richardson-Lucy needs non-negative "
-        f"data, so a pedestal of {-low:.4g} is added for the restoration and removed after",
+        f"data, so a pedestal of {pedestal:.4g} is added for the restoration and removed after",
         GpudeconvWarning,
         stacklevel=4,
     )
-    return -low
+    return pedestal
 
 
 def _progress_bar(total: int):
