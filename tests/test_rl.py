@@ -212,7 +212,8 @@ def test_deconvolve_entry_reads_paths_and_refuses_missing_psf(tmp_path):
 def test_flat_image_stays_flat_up_to_the_borders(backend):
     flat = np.full((96, 110), 100.0, dtype=np.float32)
     result = to_numpy(gd.richardson_lucy(flat, gd.psf.moffat(4.0), 100, backend=backend))
-    assert np.abs(result - 100.0).max() < 1e-3  # zeros beyond the padding would darken the edges
+    # float32 round-off only (zeros beyond the padding used to darken the edges by 9%)
+    assert np.abs(result - 100.0).max() < 100.0 * 2e-4
 
 
 def test_nodata_next_to_the_border(backend):
