@@ -7,6 +7,7 @@ input is never modified and no partial output is left behind (outputs are writte
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -107,22 +108,15 @@ def _build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- deconvolve
 def _check_output(input_path: Path, output_path: Path, overwrite: bool) -> None:
     """Refuse bad output paths before any work is done."""
+    from .io import check_output_path
+
     same = output_path.resolve() == input_path.resolve() or (
         output_path.exists() and input_path.exists() and os.path.samefile(input_path, output_path)
     )
     if same:
         msg = f"output {output_path} is the input file; choose another -o path (inputs are kept)"
         raise GpudeconvError(msg)
-    folder = output_path.resolve().parent
-    if not folder.is_dir():
-        msg = f"output folder {folder} does not exist; create it or choose another -o path"
-        raise GpudeconvError(msg)
-    if not os.access(folder, os.W_OK):
-        msg = f"output folder {folder} is not writable; choose another -o path"
-        raise GpudeconvError(msg)
-    if output_path.exists() and not overwrite:
-        msg = f"output {output_path} exists; pass --overwrite to replace it"
-        raise GpudeconvError(msg)
+    check_output_path(output_path, overwrite=overwrite)
 
 
 def _model_psf(args) -> tuple[np.ndarray, str]:
@@ -170,18 +164,10 @@ def _output_dtype(output_path: Path, input_dtype: np.dtype, result_dtype: np.dty
 
 def _deconvolve(args) -> int:
     from .backend import get_backend
-    from .io import SUPPORTED_EXTENSIONS, provenance_header, read_image, write_image
+    from .io import provenance_header, read_image, write_image
     from .restore import richardson_lucy
 
     input_path, output_path = Path(args.input), Path(args.output)
-    if output_path.suffix.lower() not in SUPPORTED_EXTENSIONS and not str(
-        output_path
-    ).lower().endswith(".fits.gz"):
-        msg = (
-            f"output {output_path} has an unsupported extension; use one of "
-            f"{', '.join(SUPPORTED_EXTENSIONS)}"
-        )
-        raise GpudeconvError(msg)
     backend = get_backend(args.backend)
     _check_output(input_path, output_path, args.overwrite)
     image, header = read_image(input_path)
@@ -273,9 +259,20 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
         )
 
 
+def _show_log_lines() -> None:
+    """Print the library's INFO lines (e.g. why the GPU is not used) as 'gpudeconv: ...'."""
+    logger = logging.getLogger("gpudeconv")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 success, 2 user error)."""
     warnings.showwarning = _show_warning
+    _show_log_lines()
     try:
         args = _build_parser().parse_args(argv)
         return _COMMANDS[args.command](args)

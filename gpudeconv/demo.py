@@ -146,6 +146,14 @@ def run_demo(
     size = _validate_size(size)
     say = log if log is not None else (lambda line: None)
     folder = Path(outdir)
+    if folder.exists() and not folder.is_dir():
+        msg = f"demo output folder {folder} is a file; give a folder (--outdir DIR)"
+        raise GpudeconvError(msg)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        msg = f"cannot create the demo output folder {folder} ({error.strerror}); choose another"
+        raise GpudeconvError(msg) from None
     paths = tuple(folder / name for name in _FILE_NAMES)
     if not overwrite:
         existing = [str(p) for p in paths if p.exists()]
@@ -204,7 +212,6 @@ def run_demo(
         backend=engine.name,
         extra={"demo": "restored with the true PSF"},
     )
-    folder.mkdir(parents=True, exist_ok=True)
     write_image(paths[0], scene.observed, observed_header, overwrite=overwrite)
     write_image(paths[1], restored, restored_header, overwrite=overwrite)
     picture = comparison_picture(

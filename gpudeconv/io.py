@@ -38,7 +38,13 @@ from PIL import Image, ImageOps, PngImagePlugin
 from ._errors import GpudeconvError, GpudeconvWarning
 from ._version import __version__
 
-__all__ = ["SUPPORTED_EXTENSIONS", "provenance_header", "read_image", "write_image"]
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "check_output_path",
+    "provenance_header",
+    "read_image",
+    "write_image",
+]
 
 _FORMAT_OF_EXTENSION = {
     ".fits": "FITS",
@@ -369,6 +375,18 @@ def _validate_output_path(target: Path, *, overwrite: bool) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         msg = f"output folder {folder} is not writable: choose another output path"
         raise GpudeconvError(msg)
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Refuse an output path that :func:`write_image` would refuse, before any work is done.
+
+    Checks the extension, that the path is not a folder, that it does not exist (unless
+    ``overwrite``) and that its folder exists and is writable; returns it as a ``Path``.
+    """
+    target = Path(path)
+    _validate_output_path(target, overwrite=overwrite)
+    _validate_extension(target)
+    return target
 
 
 def _validate_output_data(data, fmt: str) -> np.ndarray:

@@ -129,8 +129,12 @@ def test_kernel_sources_ship_with_the_package():
     assert kernel_source("rl_steps.cu", IDX="long long").startswith("#define IDX long long\n")
 
 
-def test_index_type_switches_at_two_to_the_31():
-    assert index_type(2**31 - 1) == "int"
+def test_index_type_leaves_room_for_the_grid_stride_overshoot():
+    from gpudeconv.backend._kernels import BLOCK, MAX_BLOCKS
+
+    assert index_type(10**6) == "int"
+    assert index_type(2**31 - 1 - BLOCK * MAX_BLOCKS) == "int"
+    assert index_type(2**31 - BLOCK * MAX_BLOCKS) == "long long"  # i += stride would overflow
     assert index_type(2**31) == "long long"
 
 
@@ -211,3 +215,40 @@ def test_row_parallel_passes_cover_every_row_once():
     backend.rl_update(updated, correction.copy(), norm)
     expected = np.where(norm > NORM_FLOOR, estimate * correction / norm, estimate)
     np.testing.assert_allclose(updated, expected, rtol=1e-6)
+
+
+def _restore_in_child(queue):
+    image = np.ones((1100, 1100), np.float32)
+    result = gd.richardson_lucy(image, gd.psf.gaussian(3.0, size=9), 1, backend="numpy")
+    queue.put(float(result.mean()))
+
+
+def test_forked_child_can_restore_after_the_parent_did():
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    image = np.ones((1100, 1100), np.float32)  # big enough for the thread pools and FFTW threads
+    gd.richardson_lucy(image, gd.psf.gaussian(3.0, size=9), 1, backend="numpy")
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_restore_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in the inherited thread pools")
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_a_damaged_fftw_wisdom_file_is_ignored(tmp_path, monkeypatch):
+    from gpudeconv.backend import _fftplans
+
+    if not _fftplans.fftw_available():
+        pytest.skip("pyFFTW is not installed")
+    monkeypatch.setenv("GPUDECONV_CACHE_DIR", str(tmp_path))
+    for content in ("[]", "not json", '["x", "y", "z"]'):
+        _fftplans._wisdom_path().write_text(content)
+        monkeypatch.setattr(_fftplans, "_wisdom_loaded", False)
+        _fftplans._load_wisdom()  # no exception: FFTW simply measures again

@@ -248,7 +248,7 @@ def error_cases(tmp: Path, observed: Path):
         ),
         "unwritable folder": (
             ["deconvolve", observed, "-o", unwritable / "o.fits", *fwhm],
-            "choose another -o path",
+            "choose another output path",
         ),
         "missing folder": (
             ["deconvolve", observed, "-o", tmp / "nope" / "o.fits", *fwhm],
@@ -267,6 +267,10 @@ def error_cases(tmp: Path, observed: Path):
         "float to png": (
             ["deconvolve", observed, "-o", tmp / "o.png", *fwhm],
             "write the output as .fits or .tif",
+        ),
+        "output is a folder": (
+            ["deconvolve", observed, "-o", tmp, *fwhm, "--overwrite"],
+            "is a folder",
         ),
         "beta with gaussian": (
             [
@@ -307,6 +311,7 @@ CASES = [
     "bad extension",
     "float to png",
     "beta with gaussian",
+    "output is a folder",
 ]
 
 
@@ -369,3 +374,31 @@ def test_env_backend_is_respected(observed, tmp_path, capsys, monkeypatch):
     )
     assert code == 0 and "on numpy" in err
     assert os.path.exists(tmp_path / "e.fits")
+
+
+def test_compressed_fits_output(observed, tmp_path, capsys):
+    out = tmp_path / "sharp.fit.gz"
+    code, _, err = run(
+        ["deconvolve", observed, "-o", out, "--psf-fwhm", "3", "--iterations", "2", "--quiet"],
+        capsys,
+    )
+    assert code == 0, err
+    assert out.read_bytes()[:2] == b"\x1f\x8b"  # gzip
+    assert fits.getdata(out).shape == (96, 104)
+
+
+def test_cli_says_why_the_gpu_is_not_used(observed, tmp_path, capsys, monkeypatch):
+    from gpudeconv.backend import _cupy_status
+
+    if _cupy_status()[0]:
+        pytest.skip("a GPU answers here")
+    import gpudeconv.backend as backend_module
+
+    monkeypatch.setattr(backend_module, "_said_why", False)
+    monkeypatch.delenv("GPUDECONV_BACKEND", raising=False)
+    code, _, err = run(
+        ["deconvolve", observed, "-o", tmp_path / "w.fits", "--psf-fwhm", "3", "--iterations", "1"],
+        capsys,
+    )
+    assert code == 0
+    assert "using the NumPy (CPU) backend" in err

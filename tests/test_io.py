@@ -651,6 +651,7 @@ def test_supported_extensions_listed():
     }
     assert read_image.__module__ == "gpudeconv.io" and gio.__all__ == [
         "SUPPORTED_EXTENSIONS",
+        "check_output_path",
         "provenance_header",
         "read_image",
         "write_image",

@@ -83,8 +83,18 @@ def test_float32_stays_float32(backend):
     assert out.dtype == np.float32
 
 
-def test_method_choice_by_size():
-    assert gd.operators.Convolution(np.ones((5, 5)) / 25).method == "direct"
-    assert gd.operators.Convolution(np.ones((25, 25)) / 625).method == "fft"
+def test_method_choice_by_size(backend):
+    small = gd.operators.Convolution(np.ones((5, 5)) / 25, backend)
+    assert small.method == ("direct" if backend.direct_max_size >= 5 else "fft")
+    assert gd.operators.Convolution(np.ones((25, 25)) / 625, backend).method == "fft"
+    assert gd.get_backend("numpy").direct_max_size == 0  # the threaded FFT wins on the CPU
     with pytest.raises(GpudeconvError, match="method must be one of"):
         gd.operators.Convolution(np.ones((5, 5)) / 25, method="wavelet")
+
+
+def test_image_smaller_than_the_psf(backend):
+    psf = gd.psf.gaussian(6.0, size=21, ratio=0.5)
+    x = np.random.default_rng(6).random((3, 40))
+    result = to_numpy(gd.operators.Convolution(psf, backend).forward(backend.asarray(x)))
+    expected = scipy.signal.convolve2d(x, psf.astype(np.float64) / psf.sum(), mode="same")
+    np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-9)

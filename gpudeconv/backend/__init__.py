@@ -12,7 +12,7 @@ import logging
 import os
 
 from .._errors import GpudeconvError
-from ._base import NORM_FLOOR, RATIO_EPS, Backend, MemoryInfo
+from ._base import NORM_FLOOR, RATIO_EPS, Backend, MemoryInfo, is_cupy_array
 from ._numpy import NumPyBackend
 
 __all__ = [
@@ -30,11 +30,6 @@ BACKEND_NAMES = ("auto", "numpy", "cupy")
 ENV_VAR = "GPUDECONV_BACKEND"
 
 logger = logging.getLogger("gpudeconv")
-
-
-def is_cupy_array(a) -> bool:
-    """Whether ``a`` is a CuPy array, without importing cupy (array-api-compat's rule)."""
-    return type(a).__module__.split(".", 1)[0] == "cupy" and hasattr(a, "__cuda_array_interface__")
 
 
 @functools.lru_cache(maxsize=1)

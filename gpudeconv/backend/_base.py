@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "MemoryInfo", "NORM_FLOOR", "RATIO_EPS"]
+__all__ = ["Backend", "MemoryInfo", "NORM_FLOOR", "RATIO_EPS", "is_cupy_array"]
 
 #: Guard of the RL ratio ``d / max(Hu, eps)``: a normal float32 number (CuPy compiles with
 #: ``-ftz``, so denormals would flush to zero), small against any real pixel value, and
@@ -25,6 +25,11 @@ RATIO_EPS = 1e-12
 #: the update: under 0.1% of their light reaches observed pixels, and FFT round-off (about 1e-7
 #: of the weights) must never be divided by.
 NORM_FLOOR = 1e-3
+
+
+def is_cupy_array(a) -> bool:
+    """Whether ``a`` is a CuPy array, without importing cupy (array-api-compat's rule)."""
+    return type(a).__module__.split(".", 1)[0] == "cupy" and hasattr(a, "__cuda_array_interface__")
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class Backend(abc.ABC):
 
     #: short name, ``"numpy"`` or ``"cupy"``
     name: str
+    #: PSFs up to this side are convolved as direct sums by default, larger ones through FFTs
+    direct_max_size: int = 0
     #: the array namespace (``numpy`` or ``cupy``)
     xp: Any
 
@@ -58,9 +65,9 @@ class Backend(abc.ABC):
         """``a`` on this backend, C-contiguous, in ``dtype`` (its own dtype when None)."""
         return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
 
-    @abc.abstractmethod
     def to_host(self, a) -> np.ndarray:
-        """A NumPy array with the values of ``a``."""
+        """A NumPy array with the values of ``a`` (a NumPy or CuPy array, or array_like)."""
+        return a.get() if is_cupy_array(a) else np.asarray(a)
 
     def synchronize(self) -> None:  # noqa: B027  (a no-op unless the backend queues work)
         """Wait for queued device work (no-op on the CPU); call before reading a clock."""

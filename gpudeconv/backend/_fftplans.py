@@ -100,21 +100,22 @@ class FFTWPlan(FFTPlan):
         self.out = pyfftw.empty_aligned(self.shape, self.dtype)
         size = shape[0] * shape[1]
         flags = ("FFTW_MEASURE",) if size >= _MEASURE_FROM else ("FFTW_ESTIMATE",)
-        threads = _threads() if workers == -1 else workers
+        threads = 1 if _forked else _threads() if workers == -1 else workers
         _load_wisdom()
-        self._forward = pyfftw.FFTW(
-            self.real, self.spectrum, axes=(0, 1), flags=flags, threads=threads
-        )
-        self._backward = pyfftw.FFTW(
-            self.spectrum,
-            self.out,
-            axes=(0, 1),
-            direction="FFTW_BACKWARD",
-            flags=(*flags, "FFTW_DESTROY_INPUT"),
-            threads=threads,
-        )
-        if "FFTW_MEASURE" in flags:
-            _save_wisdom()
+        with _planner_lock:  # FFTW's planner and its wisdom are not thread-safe
+            self._forward = pyfftw.FFTW(
+                self.real, self.spectrum, axes=(0, 1), flags=flags, threads=threads
+            )
+            self._backward = pyfftw.FFTW(
+                self.spectrum,
+                self.out,
+                axes=(0, 1),
+                direction="FFTW_BACKWARD",
+                flags=(*flags, "FFTW_DESTROY_INPUT"),
+                threads=threads,
+            )
+            if "FFTW_MEASURE" in flags:
+                _save_wisdom()
         self.real[...] = 0  # measuring scribbles over the buffers
 
     def _zeros(self, shape, dtype):
@@ -128,6 +129,19 @@ class FFTWPlan(FFTPlan):
 
 
 _local = threading.local()
+#: True in a process forked from one that had used FFTW's threads: their state does not survive
+#: a fork (a threaded plan hangs in the child), so such a child plans single-threaded.
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    global _local, _forked
+    _local = threading.local()  # plans and buffers of the parent's threads
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def get_plan(shape, dtype, *, library: str = "auto", workers: int = -1) -> FFTPlan:
@@ -152,7 +166,7 @@ def get_plan(shape, dtype, *, library: str = "auto", workers: int = -1) -> FFTPl
 
 # --------------------------------------------------------------------------- FFTW wisdom on disk
 _wisdom_loaded = False
-_wisdom_lock = threading.Lock()
+_planner_lock = threading.RLock()
 
 
 def _wisdom_path() -> Path:
@@ -163,20 +177,22 @@ def _wisdom_path() -> Path:
 
 def _load_wisdom() -> None:
     global _wisdom_loaded
-    with _wisdom_lock:
+    with _planner_lock:
         if _wisdom_loaded:
             return
         _wisdom_loaded = True
         try:
             stored = json.loads(_wisdom_path().read_text())
+            if not (isinstance(stored, list) and len(stored) == 3):
+                return  # not ours, or from another pyFFTW: FFTW measures again
             pyfftw.import_wisdom(tuple(base64.b64decode(item) for item in stored))
-        except (OSError, ValueError, TypeError):
-            pass  # no wisdom yet, or unreadable: FFTW measures again
+        except Exception:  # noqa: BLE001  (no wisdom yet, or unreadable: FFTW measures again)
+            return
 
 
 def _save_wisdom() -> None:
     path = _wisdom_path()
-    with _wisdom_lock:
+    with _planner_lock:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             text = json.dumps([base64.b64encode(item).decode() for item in pyfftw.export_wisdom()])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["kernel_dir", "kernel_path", "kernel_source", "index_type"]
+__all__ = ["BLOCK", "MAX_BLOCKS", "index_type", "kernel_dir", "kernel_path", "kernel_source"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
@@ -35,9 +35,19 @@ def kernel_path(name: str) -> Path:
     return path
 
 
+#: Threads per block and the most blocks of an elementwise launch; grid-stride loops cover the
+#: rest of the array.
+BLOCK = 256
+MAX_BLOCKS = 65535
+
+
 def index_type(size: int) -> str:
-    """The C index type for arrays of ``size`` elements (cuCIM's ``large_int`` rule)."""
-    return "long long" if size >= 2**31 else "int"
+    """The C index type for arrays of ``size`` elements (cuCIM's ``large_int`` rule).
+
+    A grid-stride loop's index runs up to one grid past the end of the array before it stops,
+    so ``int`` is used only while ``size`` plus a whole grid still fits in it.
+    """
+    return "long long" if size + BLOCK * MAX_BLOCKS > 2**31 - 1 else "int"
 
 
 def kernel_source(name: str, **defines: str) -> str:

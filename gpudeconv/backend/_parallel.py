@@ -24,6 +24,16 @@ except AttributeError:  # pragma: no cover - not on Linux
 _pool: ThreadPoolExecutor | None = None
 
 
+def _forget_pool_after_fork() -> None:
+    # A forked child inherits the pool object but none of its threads: submitting would hang.
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def _executor() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:

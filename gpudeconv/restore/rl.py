@@ -53,8 +53,7 @@ def _validate_iterations(iterations) -> int:
 
 def _operators(psf, channels: int, is_colour: bool, backend: Backend) -> list[Convolution]:
     """One operator per channel (shared when one PSF serves all channels)."""
-    host_psf = backend.to_host(psf) if is_cupy_array(psf) else psf
-    host_psf = validate_psf(host_psf, channels=channels if is_colour else None)
+    host_psf = validate_psf(backend.to_host(psf), channels=channels if is_colour else None)
     if host_psf.ndim == 2:
         return [Convolution(host_psf, backend)] * channels
     return [Convolution(plane, backend) for plane in host_psf]
