@@ -188,12 +188,15 @@ def _restore_plane(observed, operator: Convolution, iterations: int, step):
         fill = dtype(float(data[valid].mean()))
         estimate = xp.where(xp.pad(observed_weight, frame, mode="edge") > 0, estimate, fill)
     norm = operator.adjoint(weight)
+    del weight, observed_weight  # only the normalization needs them
 
     blurred = xp.empty_like(estimate)  # work buffers, allocated once
     correction = xp.empty_like(estimate)
+    # The data is 0 wherever the weight is (no-data pixels, the unobserved ring), so the ratio
+    # is already 0 there and needs no weighting: the weights act through the normalization.
     for _ in range(iterations):
         operator.forward(estimate, out=blurred)
-        ratio = backend.rl_ratio(extended, blurred, weight)
+        ratio = backend.rl_ratio(extended, blurred)
         operator.adjoint(ratio, out=correction)
         backend.rl_update(estimate, correction, norm)
         step()
