@@ -38,6 +38,7 @@ import scipy.signal
 from ._errors import GpudeconvError
 from ._version import __version__
 from .backend import RATIO_EPS, Backend, available_backends, get_backend
+from .backend._parallel import usable_cores
 from .psf import moffat
 from .restore import richardson_lucy
 
@@ -463,10 +464,6 @@ def record_metadata(results: Sequence[BenchResult], *, command: str) -> dict:
     }
     for name in sorted({result.backend for result in results}):
         versions.update(get_backend(name).versions())  # numpy, scipy, pyfftw; cupy, CUDA
-    try:
-        usable_cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable_cores = os.cpu_count()
     return {
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command,
@@ -474,7 +471,7 @@ def record_metadata(results: Sequence[BenchResult], *, command: str) -> dict:
         "host": {
             "cpu": _cpu_model(),
             "logical_cpus": os.cpu_count(),
-            "usable_cpus": usable_cores,
+            "usable_cpus": usable_cores(),
             "platform": platform.platform(),
         },
         "environment": {name: os.environ[name] for name in _ENV_RECORDED if name in os.environ},

@@ -22,7 +22,7 @@ from ._version import __version__
 __all__ = ["main"]
 
 USER_ERROR = 2
-_FLOAT_ONLY = (".png", ".jpg", ".jpeg")
+_INTEGER_ONLY = (".png", ".jpg", ".jpeg")  # formats that hold no floating-point pixels
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,7 +153,7 @@ def _output_dtype(output_path: Path, input_dtype: np.dtype, result_dtype: np.dty
     suffix = output_path.suffix.lower()
     if input_dtype.kind in "ui" and suffix not in (".fits", ".fit", ".fts"):
         return input_dtype
-    if suffix in _FLOAT_ONLY:
+    if suffix in _INTEGER_ONLY:
         msg = (
             f"the input holds floating-point values, which {suffix} cannot store; "
             "write the output as .fits or .tif"

@@ -54,7 +54,7 @@ class Convolution:
             method = "direct" if max(self.shape) <= self.backend.direct_max_size else "fft"
         self.method = method
         self._psf = {}  # dtype -> PSF on the backend
-        self._plans = {}  # (shape, dtype) -> (fft_shape, otf)
+        self._plans = {}  # (shape, dtype) -> (fft_shape, otf, adjoint otf)
 
     @property
     def psf(self) -> np.ndarray:

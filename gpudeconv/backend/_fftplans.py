@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import scipy.fft
 
-from ._parallel import by_rows
+from ._parallel import by_rows, usable_cores
 
 __all__ = ["FFTPlan", "fftw_available", "get_plan"]
 
@@ -41,13 +41,6 @@ except ImportError:  # pragma: no cover - depends on the platform's wheels
 
 def fftw_available() -> bool:
     return pyfftw is not None
-
-
-def _threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class FFTPlan:
@@ -100,7 +93,7 @@ class FFTWPlan(FFTPlan):
         self.out = pyfftw.empty_aligned(self.shape, self.dtype)
         size = shape[0] * shape[1]
         flags = ("FFTW_MEASURE",) if size >= _MEASURE_FROM else ("FFTW_ESTIMATE",)
-        threads = 1 if _forked else _threads() if workers == -1 else workers
+        threads = 1 if _forked else usable_cores() if workers == -1 else workers
         _load_wisdom()
         with _planner_lock:  # FFTW's planner and its wisdom are not thread-safe
             self._forward = pyfftw.FFTW(

@@ -11,15 +11,21 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["by_rows"]
+__all__ = ["by_rows", "usable_cores"]
 
 #: Arrays below this many elements are not worth a thread hand-off.
 _PARALLEL_FROM = 1 << 20
 
-try:
-    _WORKERS = max(1, len(os.sched_getaffinity(0)))
-except AttributeError:  # pragma: no cover - not on Linux
-    _WORKERS = max(1, os.cpu_count() or 1)
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS reports one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_WORKERS = usable_cores()
 
 _pool: ThreadPoolExecutor | None = None
 
