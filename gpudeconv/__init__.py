@@ -12,11 +12,13 @@ from ._version import __version__
 from .api import deconvolve
 from .backend import available_backends, get_backend
 from .io import read_image, write_image
+from .psf import PSFField
 from .restore import richardson_lucy
 
 __all__ = [
     "GpudeconvError",
     "GpudeconvWarning",
+    "PSFField",
     "__version__",
     "available_backends",
     "deconvolve",
