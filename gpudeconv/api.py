@@ -29,10 +29,10 @@ def deconvolve(
     ----------
     image : (H, W) or (C, H, W) ndarray, or str / os.PathLike
         The image, or the path of a FITS, TIFF, PNG or JPEG file to read.
-    psf : (k, k) or (C, k, k) array_like
-        The PSF. Estimation from the image's stars (``psf=None``) needs a star-based PSF
-        estimator, which this version does not have yet: give a measured PSF or a model such as
-        ``gd.psf.moffat(fwhm)``.
+    psf : (k, k) or (C, k, k) array_like, or PSFField
+        The PSF, or a field of PSFs that varies across the image. Estimation from the image's
+        stars (``psf=None``) is not in this version yet: give a measured PSF, a model such as
+        ``gd.psf.moffat(fwhm)``, or a ``gd.PSFField``.
     method : {'rl'}
         Richardson-Lucy.
     iterations : int

@@ -67,7 +67,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("input", metavar="IN", help="FITS, TIFF, PNG or JPEG image")
     run.add_argument("-o", "--output", required=True, metavar="OUT", help="output image path")
     source = run.add_mutually_exclusive_group(required=True)
-    source.add_argument("--psf", metavar="FILE", help="PSF image (FITS/TIFF/PNG), odd sides")
+    source.add_argument(
+        "--psf",
+        metavar="FILE",
+        help="PSF image (FITS/TIFF/PNG, odd sides) or a PSF field FITS (varies across the image)",
+    )
     source.add_argument(
         "--psf-fwhm", type=_positive_float, metavar="F", help="model PSF FWHM in pixels"
     )
@@ -139,10 +143,22 @@ def _model_psf(args) -> tuple[np.ndarray, str]:
     return kernel, f"{text} size={kernel.shape[0]}"
 
 
-def _file_psf(path: str, channels: int | None) -> tuple[np.ndarray, str]:
+def _file_psf(path: str, channels: int | None, image_shape) -> tuple[object, str]:
+    """The PSF of ``--psf FILE``: a PSF image, or a PSF field saved by ``PSFField.save``."""
     from .io import read_image
-    from .psf import validate_psf
+    from .psf import PSFField, validate_psf
 
+    if PSFField.is_field_file(path):
+        field = PSFField.load(path)
+        if field.image_shape != tuple(image_shape):
+            msg = (
+                f"the PSF field {path} was made for images of {field.image_shape[0]}x"
+                f"{field.image_shape[1]} pixels, but the input is {image_shape[0]}x"
+                f"{image_shape[1]}; estimate the field from this image"
+            )
+            raise GpudeconvError(msg)
+        ny, nx = field.grid
+        return field, f"field {Path(path).name} ({ny}x{nx} nodes, {field.size}x{field.size})"
     data, _ = read_image(path)
     kernel = validate_psf(data, name=f"PSF file {path}", channels=channels, warn_sum=False)
     return kernel, f"file {Path(path).name} ({kernel.shape[-2]}x{kernel.shape[-1]})"
@@ -176,7 +192,7 @@ def _deconvolve(args) -> int:
         if args.psf_model or args.psf_beta is not None:
             msg = "--psf-model/--psf-beta describe a model PSF; they cannot go with --psf FILE"
             raise GpudeconvError(msg)
-        kernel, psf_text = _file_psf(args.psf, channels)
+        kernel, psf_text = _file_psf(args.psf, channels, image.shape[-2:])
     else:
         kernel, psf_text = _model_psf(args)
     out_dtype = _output_dtype(output_path, image.dtype, backend.float_dtype(image.dtype))

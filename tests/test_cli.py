@@ -100,6 +100,32 @@ def test_deconvolve_with_psf_file_and_gaussian_model(observed, tmp_path, capsys)
     np.testing.assert_allclose(fits.getdata(out), fits.getdata(out2), rtol=1e-5, atol=1e-4)
 
 
+def test_deconvolve_with_a_psf_field_file(observed, tmp_path, capsys):
+    field = gd.psf.field.aberrated_field(
+        (96, 104), (2, 3), fwhm_centre=2.0, fwhm_corner=3.5, elongation_corner=1.5
+    )
+    field_path = field.save(tmp_path / "field.fits")
+    out = tmp_path / "sharp.fits"
+    code, _, err = run(
+        ["deconvolve", observed, "-o", out, "--psf", field_path, "--quiet", "--iterations", "6"],
+        capsys,
+    )
+    assert code == 0, err
+    with fits.open(out) as hdul:
+        data, header = hdul[0].data, hdul[0].header
+    assert "field field.fits (2x3 nodes" in "\n".join(str(h) for h in header["HISTORY"])
+    expected = gd.richardson_lucy(fits.getdata(observed), gd.PSFField.load(field_path), 6)
+    np.testing.assert_allclose(data, expected, rtol=1e-5, atol=1e-4)
+
+    other = gd.psf.field.aberrated_field((50, 60), (2, 2), fwhm_centre=2.0, fwhm_corner=3.0)
+    other_path = other.save(tmp_path / "other.fits")
+    code, _, err = run(
+        ["deconvolve", observed, "-o", tmp_path / "x.fits", "--psf", other_path], capsys
+    )
+    assert_one_line_error(code, err, "made for images of 50x60 pixels, but the input is 96x104")
+    assert not (tmp_path / "x.fits").exists()
+
+
 def test_colour_tiff_16_bit_round_trip(tmp_path, capsys):
     import tifffile
 

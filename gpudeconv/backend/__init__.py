@@ -12,11 +12,13 @@ import logging
 import os
 
 from .._errors import GpudeconvError
-from ._base import NORM_FLOOR, RATIO_EPS, Backend, MemoryInfo, is_cupy_array
+from ._base import NORM_FLOOR, RATIO_EPS, Backend, CostRates, MemoryInfo, is_cupy_array
+from ._kernels import sv_tile
 from ._numpy import NumPyBackend
 
 __all__ = [
     "Backend",
+    "CostRates",
     "MemoryInfo",
     "NORM_FLOOR",
     "RATIO_EPS",
@@ -24,6 +26,7 @@ __all__ = [
     "backend_for",
     "get_backend",
     "is_cupy_array",
+    "sv_tile",
 ]
 
 BACKEND_NAMES = ("auto", "numpy", "cupy")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "MemoryInfo", "NORM_FLOOR", "RATIO_EPS", "is_cupy_array"]
+__all__ = ["Backend", "CostRates", "MemoryInfo", "NORM_FLOOR", "RATIO_EPS", "is_cupy_array"]
 
 #: Guard of the RL ratio ``d / max(Hu, eps)``: a normal float32 number (CuPy compiles with
 #: ``-ftz``, so denormals would flush to zero), small against any real pixel value, and
@@ -41,6 +41,23 @@ class MemoryInfo:
     kind: str  # {'host', 'device'}
 
 
+@dataclass(frozen=True)
+class CostRates:
+    """Rough throughputs of a backend, for the operators' choice between direct sums and FFTs.
+
+    Only their ratios matter: a choice within tens of percent of the faster way is the aim.
+    """
+
+    #: multiply-adds per second of :meth:`Backend.direct_convolve`
+    direct: float
+    #: multiply-adds per second of :meth:`Backend.sv_direct` (0 where there is no such kernel)
+    sv_kernel: float
+    #: ``n log2(n)`` per second of a real FFT of ``n`` elements, forward and inverse together
+    fft: float
+    #: fixed seconds of each convolution call (launches, plan look-ups, small allocations)
+    call: float
+
+
 class Backend(abc.ABC):
     """An array backend: NumPy on the CPU or CuPy on a CUDA device."""
 
@@ -50,6 +67,10 @@ class Backend(abc.ABC):
     direct_max_size: int = 0
     #: the array namespace (``numpy`` or ``cupy``)
     xp: Any
+    #: largest PSF side that :meth:`sv_direct` takes (0: no direct spatially-varying kernel)
+    sv_kernel_max_size: int = 0
+    #: throughputs for the cost model of the operators
+    cost_rates: CostRates
 
     # ------------------------------------------------------------------ dtypes and data
     @staticmethod
@@ -131,6 +152,18 @@ class Backend(abc.ABC):
     def direct_convolve(self, x, kernel, *, adjoint: bool = False, out=None):
         """Linear convolution of 2-D ``x`` by a small odd ``kernel`` as a direct sum, zero outside
         (correlation when ``adjoint``); into ``out`` when given."""
+
+    def sv_direct(self, x, psfs, tables, *, adjoint: bool = False, out=None):
+        """Spatially-varying convolution of the 2-D ``x`` as one direct sum (a raw kernel).
+
+        ``psfs`` is the ``(ny, nx, k, k)`` node PSFs in ``x``'s dtype, ``tables`` the
+        ``(row_node, row_frac, col_node, col_frac)`` interpolation tables of ``x``'s rows and
+        columns (int32 and ``x``'s dtype; ``kernels/sv_convolve.cu`` states their meaning).
+        Only backends with ``sv_kernel_max_size >= k`` have it; the operator computes the same
+        function as a sum over nodes elsewhere (its NumPy twin).
+        """
+        msg = f"the {self.name} backend has no direct spatially-varying kernel"
+        raise NotImplementedError(msg)
 
     # ------------------------------------------------------------------ fused RL steps
     @abc.abstractmethod

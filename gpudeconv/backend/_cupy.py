@@ -13,8 +13,9 @@ import cupyx.scipy.fft
 import cupyx.scipy.ndimage
 import numpy as np
 
-from ._base import NORM_FLOOR, RATIO_EPS, Backend, MemoryInfo
-from ._kernels import BLOCK, MAX_BLOCKS, index_type, kernel_source
+from .._errors import GpudeconvError
+from ._base import NORM_FLOOR, RATIO_EPS, Backend, CostRates, MemoryInfo
+from ._kernels import BLOCK, MAX_BLOCKS, SV_MAX_SIZE, index_type, kernel_source, sv_launch
 
 __all__ = ["CuPyBackend", "device_answers"]
 
@@ -34,6 +35,28 @@ def device_answers() -> tuple[bool, str]:
     return True, ""
 
 
+def _compile(source: str, names: list[str], **defines: str):
+    """``kernels/<source>`` as a ``RawModule``, compiled now, with one line if that fails.
+
+    CuPy compiles lazily, at the first ``get_function``; asking for every entry point here makes
+    a compiler error surface once, where the module is built, rather than at some later launch.
+    """
+    # CuPy 14 compiles with -std=c++17 already; the sources need nothing more.
+    module = cupy.RawModule(code=kernel_source(source, **defines), name_expressions=names)
+    try:
+        for name in names:
+            module.get_function(name)
+    except cupy.cuda.compiler.CompileException as error:
+        first = next((line for line in str(error).splitlines() if "error" in line), str(error))
+        msg = (
+            f"compiling kernels/{source} ({', '.join(f'{k}={v}' for k, v in defines.items())}) "
+            f"for this GPU failed: {first.strip()}; set CUPY_DUMP_CUDA_SOURCE_ON_ERROR=1 for the "
+            "whole log, or run with --backend numpy"
+        )
+        raise GpudeconvError(msg) from error
+    return module
+
+
 @cupy.memoize(for_each_device=True)
 def _rl_steps_module(index: str):
     """``kernels/rl_steps.cu`` compiled for the current device, once per index type."""
@@ -42,13 +65,24 @@ def _rl_steps_module(index: str):
         for step in ("ratio", "update")
         for dtype in ("float32", "float64")
     ]
-    # CuPy 14 compiles with -std=c++17 already; the source needs nothing more.
-    return cupy.RawModule(code=kernel_source("rl_steps.cu", IDX=index), name_expressions=names)
+    return _compile("rl_steps.cu", names, IDX=index)
 
 
 def _rl_kernel(step: str, array):
     module = _rl_steps_module(index_type(array.size))
     return module.get_function(f"gpudeconv_rl_{step}_{array.dtype.name}")
+
+
+@cupy.memoize(for_each_device=True)
+def _sv_module(index: str, size: int):
+    """``kernels/sv_convolve.cu`` compiled for the current device, once per index type and PSF
+    side (a compile-time constant, so that the inner loops unroll)."""
+    names = [
+        f"gpudeconv_sv_{direction}_{dtype}"
+        for direction in ("forward", "adjoint")
+        for dtype in ("float32", "float64")
+    ]
+    return _compile("sv_convolve.cu", names, IDX=index, KSIZE=str(size))
 
 
 def _launch_shape(size: int) -> tuple[tuple[int], tuple[int]]:
@@ -63,6 +97,10 @@ class CuPyBackend(Backend):
     xp = cupy
     #: cupyx.scipy.ndimage's direct sum beats two cuFFT passes for small PSFs (not yet measured)
     direct_max_size = 7
+    sv_kernel_max_size = SV_MAX_SIZE
+    # Not yet measured (no GPU lent so far): an H100's FP32 peak is about 3e13 multiply-adds/s,
+    # of which the SV kernel aims at half; cupyx.scipy.ndimage and cuFFT figures are estimates.
+    cost_rates = CostRates(direct=1e12, sv_kernel=1.5e13, fft=1.5e12, call=2e-5)
 
     def is_own_array(self, a) -> bool:
         return isinstance(a, cupy.ndarray)
@@ -85,6 +123,54 @@ class CuPyBackend(Backend):
         operation = cupyx.scipy.ndimage.correlate if adjoint else cupyx.scipy.ndimage.convolve
         kernel = cupy.asarray(kernel, dtype=x.dtype)
         return operation(x, kernel, output=out, mode="constant", cval=0.0)
+
+    def sv_direct(self, x, psfs, tables, *, adjoint: bool = False, out=None):
+        height, width = x.shape
+        size = psfs.shape[-1]
+        if size > SV_MAX_SIZE:
+            msg = f"sv_direct takes PSFs up to {SV_MAX_SIZE} pixels, got {size}"
+            raise ValueError(msg)
+        source = cupy.ascontiguousarray(x)
+        dtype = source.dtype
+        psfs = cupy.ascontiguousarray(psfs, dtype=dtype)
+        row_node, row_frac, col_node, col_frac = tables
+        row_node = cupy.ascontiguousarray(row_node, dtype=np.int32)
+        col_node = cupy.ascontiguousarray(col_node, dtype=np.int32)
+        row_frac = cupy.ascontiguousarray(row_frac, dtype=dtype)
+        col_frac = cupy.ascontiguousarray(col_frac, dtype=dtype)
+        # the kernel writes every pixel of its own buffer, which must not be its input
+        direct_out = (
+            out is not None
+            and out.flags.c_contiguous
+            and out.dtype == dtype
+            and not cupy.shares_memory(out, source)
+        )
+        result = out if direct_out else cupy.empty_like(source)
+        grid, block = sv_launch((height, width), dtype.itemsize)
+        module = _sv_module(index_type(source.size), size)
+        kernel = module.get_function(
+            f"gpudeconv_sv_{'adjoint' if adjoint else 'forward'}_{dtype.name}"
+        )
+        kernel(
+            grid,
+            block,
+            (
+                source,
+                result,
+                psfs,
+                row_node,
+                row_frac,
+                col_node,
+                col_frac,
+                np.int32(height),
+                np.int32(width),
+                np.int32(psfs.shape[1]),
+            ),
+        )
+        if out is not None and not direct_out:
+            out[...] = result
+            return out
+        return result
 
     # ------------------------------------------------------------------ fused RL steps
     # The kernels read raw pointers: every array is made C-contiguous in the kernel's dtype

@@ -9,7 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["BLOCK", "MAX_BLOCKS", "index_type", "kernel_dir", "kernel_path", "kernel_source"]
+__all__ = [
+    "BLOCK",
+    "MAX_BLOCKS",
+    "SV_BLOCK",
+    "SV_MAX_SIZE",
+    "index_type",
+    "kernel_dir",
+    "kernel_path",
+    "kernel_source",
+    "sv_launch",
+    "sv_tile",
+]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
@@ -39,6 +50,37 @@ def kernel_path(name: str) -> Path:
 #: rest of the array.
 BLOCK = 256
 MAX_BLOCKS = 65535
+
+
+#: ``kernels/sv_convolve.cu``: threads of a block (x, y), the largest PSF side it compiles for,
+#: and the rows each thread computes per dtype (itemsize 4 or 8); kept equal to the .cu's.
+SV_BLOCK = (32, 8)
+SV_MAX_SIZE = 31
+_SV_ROWS = {4: 8, 8: 4}
+#: CUDA's limit on gridDim.y
+_MAX_GRID_Y = 65535
+
+
+def sv_tile(itemsize: int) -> tuple[int, int]:
+    """Rows and columns of the output tile of one block of ``kernels/sv_convolve.cu``."""
+    return SV_BLOCK[1] * _SV_ROWS[itemsize], SV_BLOCK[0]
+
+
+def sv_launch(shape, itemsize: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Grid and block of ``kernels/sv_convolve.cu`` for a 2-D array of ``shape``.
+
+    One block computes an output tile of 32 columns by ``8 * rows`` rows.
+    """
+    height, width = shape
+    tile_height, tile_width = sv_tile(itemsize)
+    grid = (-(-width // tile_width), -(-height // tile_height))
+    if grid[1] > _MAX_GRID_Y:
+        msg = (
+            f"an array of {height} rows is too tall for one spatially-varying kernel launch "
+            f"(at most {_MAX_GRID_Y * tile_height}); restore it in tiles"
+        )
+        raise ValueError(msg)
+    return grid, SV_BLOCK
 
 
 def index_type(size: int) -> str:

@@ -9,8 +9,8 @@ import numpy as np
 
 from .._errors import GpudeconvError, GpudeconvWarning
 from ..backend import Backend, backend_for, is_cupy_array
-from ..operators import Convolution
-from ..psf import validate_psf
+from ..operators import Convolution, SpatiallyVaryingConvolution
+from ..psf import PSFField, validate_psf
 
 __all__ = ["richardson_lucy"]
 
@@ -51,8 +51,32 @@ def _validate_iterations(iterations) -> int:
     return int(iterations)
 
 
-def _operators(psf, channels: int, is_colour: bool, backend: Backend) -> list[Convolution]:
-    """One operator per channel (shared when one PSF serves all channels)."""
+def _operators(psf, image_shape, channels: int, is_colour: bool, backend: Backend) -> list:
+    """One blur operator per channel (shared when one PSF or field serves all channels)."""
+    fields = [psf] if isinstance(psf, PSFField) else None
+    if isinstance(psf, (list, tuple)) and psf and all(isinstance(p, PSFField) for p in psf):
+        if len(psf) != channels:
+            msg = f"{len(psf)} PSF fields were given for an image of {channels} channel(s)"
+            raise GpudeconvError(msg)
+        fields = list(psf)
+    if fields is not None:
+        for field in fields:
+            if field.image_shape != tuple(image_shape):
+                msg = (
+                    f"the PSF field was made for images of {field.image_shape[0]}x"
+                    f"{field.image_shape[1]} pixels, but the image is {image_shape[0]}x"
+                    f"{image_shape[1]}; estimate or build the field for this image"
+                )
+                raise GpudeconvError(msg)
+        # The restoration pads each plane by two PSF radii (see _restore_plane): the operator
+        # works on the padded array, whose pixel (0, 0) lies at (-2r, -2r) in the field.
+        operators = [
+            SpatiallyVaryingConvolution(
+                field, backend, origin=(-2 * field.radius, -2 * field.radius)
+            )
+            for field in fields
+        ]
+        return operators * channels if len(operators) == 1 else operators
     host_psf = validate_psf(backend.to_host(psf), channels=channels if is_colour else None)
     if host_psf.ndim == 2:
         return [Convolution(host_psf, backend)] * channels
@@ -75,8 +99,10 @@ def richardson_lucy(
     image : (H, W) or (C, H, W) ndarray (NumPy or CuPy)
         The observed image; colour channel-first, restored channel by channel. Non-finite pixels
         are no-data: they carry no weight in the fit and come back as NaN.
-    psf : (k, k) or (C, k, k) array_like
+    psf : (k, k) or (C, k, k) array_like, or PSFField (or one per channel)
         The PSF, odd sides, normalized to sum 1 internally; one for all channels or one each.
+        A :class:`~gpudeconv.PSFField` made for this image's shape restores with a PSF that
+        varies across the field (:class:`~gpudeconv.operators.SpatiallyVaryingConvolution`).
     iterations : int
         Number of iterations (10 to 50 is typical; more sharpens noise).
     backend : {'auto', 'numpy', 'cupy'} or Backend, optional
@@ -119,7 +145,7 @@ def richardson_lucy(
     iterations = _validate_iterations(iterations)
     is_colour = image.ndim == 3
     channels = image.shape[0] if is_colour else 1
-    operators = _operators(psf, channels, is_colour, backend)
+    operators = _operators(psf, image.shape[-2:], channels, is_colour, backend)
     dtype = backend.float_dtype(image.dtype)
     data = backend.asarray(image, dtype=dtype)
     planes = data if is_colour else data[None]
@@ -147,7 +173,7 @@ def richardson_lucy(
     return result if is_cupy_array(image) else backend.to_host(result)
 
 
-def _restore_plane(observed, operator: Convolution, iterations: int, step):
+def _restore_plane(observed, operator, iterations: int, step):
     """RL on one 2-D plane on ``operator``'s backend; returns the restored plane.
 
     The plane is padded by reflection by the PSF radius (the padded pixels count as observed),
