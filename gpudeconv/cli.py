@@ -150,13 +150,7 @@ def _file_psf(path: str, channels: int | None, image_shape) -> tuple[object, str
 
     if PSFField.is_field_file(path):
         field = PSFField.load(path)
-        if field.image_shape != tuple(image_shape):
-            msg = (
-                f"the PSF field {path} was made for images of {field.image_shape[0]}x"
-                f"{field.image_shape[1]} pixels, but the input is {image_shape[0]}x"
-                f"{image_shape[1]}; estimate the field from this image"
-            )
-            raise GpudeconvError(msg)
+        field.check_image_shape(image_shape, name=f"the PSF field {path}")
         ny, nx = field.grid
         return field, f"field {Path(path).name} ({ny}x{nx} nodes, {field.size}x{field.size})"
     data, _ = read_image(path)

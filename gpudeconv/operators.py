@@ -17,7 +17,44 @@ __all__ = ["Convolution", "SpatiallyVaryingConvolution"]
 _METHODS = ("auto", "fft", "direct")
 
 
-class Convolution:
+class _Operator:
+    """What every blur operator shares: arrays moved to its backend, stacks of planes taken one
+    plane at a time, ``forward``/``adjoint`` with ``out=``. Subclasses blur one 2-D plane."""
+
+    backend: Backend
+
+    def _apply_plane(self, x, adjoint: bool, out):
+        raise NotImplementedError
+
+    def _apply(self, x, adjoint: bool, out):
+        backend = self.backend
+        x = backend.asarray(x)
+        if x.ndim < 2:
+            msg = (
+                f"{type(self).__name__} needs arrays of at least 2 dimensions, got shape {x.shape}"
+            )
+            raise GpudeconvError(msg)
+        if x.ndim > 2:  # a stack of planes, each convolved on its own
+            if out is None:
+                out = backend.xp.empty_like(x)
+            for index in np.ndindex(*x.shape[:-2]):
+                self._apply_plane(x[index], adjoint, out[index])
+            return out
+        return self._apply_plane(x, adjoint, out)
+
+    def forward(self, x, out=None):
+        """Blur ``x``: ``y_i = sum_j x_j h_j[i - j]`` with ``h_j`` the PSF at source pixel ``j``
+        (linear, zero outside). Same shape as ``x`` (2-D, or a stack of planes); written into
+        ``out`` when given (same shape and dtype), else a new array."""
+        return self._apply(x, adjoint=False, out=out)
+
+    def adjoint(self, y, out=None):
+        """The exact transpose of :meth:`forward`: ``x_j = sum_i y_i h_j[i - j]`` (correlation
+        with the PSF of each pixel)."""
+        return self._apply(y, adjoint=True, out=out)
+
+
+class Convolution(_Operator):
     """Convolution by one PSF everywhere (shift-invariant blur).
 
     Parameters
@@ -85,32 +122,13 @@ class Convolution:
             self._plans[key] = plan
         return plan
 
-    def _apply(self, x, adjoint: bool, out):
+    def _apply_plane(self, x, adjoint: bool, out):
         backend = self.backend
-        x = backend.asarray(x)
-        if x.ndim < 2:
-            msg = f"Convolution needs arrays of at least 2 dimensions, got shape {x.shape}"
-            raise GpudeconvError(msg)
-        if x.ndim > 2:  # a stack of planes, each convolved on its own
-            if out is None:
-                out = backend.xp.empty_like(x)
-            for index in np.ndindex(*x.shape[:-2]):
-                self._apply(x[index], adjoint, out[index])
-            return out
         if self.method == "direct":
             kernel = self._psf_as(x.dtype)
             return backend.direct_convolve(x, kernel, adjoint=adjoint, out=out)
         fft_shape, otf, adjoint_otf = self._plan(x.shape, x.dtype)
         return backend.fft_convolve(x, adjoint_otf if adjoint else otf, fft_shape, out=out)
-
-    def forward(self, x, out=None):
-        """Blur ``x``: ``y_i = sum_j x_j h_{i-j}`` (linear, zero outside). Same shape as ``x``;
-        written into ``out`` when given (same shape and dtype), else a new array."""
-        return self._apply(x, adjoint=False, out=out)
-
-    def adjoint(self, y, out=None):
-        """The exact transpose of :meth:`forward`: correlation with the PSF."""
-        return self._apply(y, adjoint=True, out=out)
 
     def __repr__(self) -> str:
         return (
@@ -195,7 +213,7 @@ class _Layout:
         return slice(r0, r1), slice(c0, c1), slice(s0 - r0, s1 - r0), slice(t0 - c0, t1 - c0)
 
 
-class SpatiallyVaryingConvolution:
+class SpatiallyVaryingConvolution(_Operator):
     """Convolution by a PSF that varies across the field (a :class:`~gpudeconv.PSFField`).
 
     Parameters
@@ -295,17 +313,26 @@ class SpatiallyVaryingConvolution:
             ffts.append(size * np.log2(size))
         calls = len(layout.nodes) * rates.call
         costs = {
-            "fft": sum(ffts) / rates.fft + calls,
-            "direct": sum(areas) * k * k / rates.direct + calls,
+            "fft": float(sum(ffts) / rates.fft + calls),
+            "direct": float(sum(areas) * k * k / rates.direct + calls),
         }
         if k <= self.backend.sv_kernel_max_size and rates.sv_kernel > 0:
-            # a block of the kernel stages its tile once for each node that touches it
-            tile_rows, tile_cols = sv_tile(layout.rows.frac.dtype.itemsize)
-            passes = layout.rows.tile_nodes(tile_rows, k // 2) * layout.cols.tile_nodes(
-                tile_cols, k // 2
+            passes = self._kernel_passes(layout)
+            costs["direct"] = float(
+                shape[0] * shape[1] * k * k * passes / rates.sv_kernel + rates.call
             )
-            costs["direct"] = shape[0] * shape[1] * k * k * passes / rates.sv_kernel + rates.call
         return costs
+
+    def _kernel_passes(self, layout: _Layout) -> float:
+        # a block of the kernel stages its tile once for each node that touches it
+        tile_rows, tile_cols = sv_tile(layout.rows.frac.dtype.itemsize)
+        reach = self.size // 2
+        return layout.rows.tile_nodes(tile_rows, reach) * layout.cols.tile_nodes(tile_cols, reach)
+
+    def kernel_passes(self, shape, dtype=np.float32) -> float:
+        """Mean number of node passes that the direct kernel makes per pixel for arrays of
+        ``shape`` (its work is ``k^2`` multiply-adds per pass): the benchmarks' FLOP count."""
+        return self._kernel_passes(self._layout(shape, dtype))
 
     def method_for(self, shape, dtype=np.float32) -> str:
         """The method used for arrays of ``shape`` (``'fft'`` or ``'direct'``)."""
@@ -332,18 +359,8 @@ class SpatiallyVaryingConvolution:
         fft_shape, otf, adjoint_otf = self._otf(a, b, region.shape, region.dtype)
         return self.backend.fft_convolve(region, adjoint_otf if adjoint else otf, fft_shape)
 
-    def _apply(self, x, adjoint: bool, out):
+    def _apply_plane(self, x, adjoint: bool, out):
         backend = self.backend
-        x = backend.asarray(x)
-        if x.ndim < 2:
-            msg = f"SpatiallyVaryingConvolution needs 2-D arrays, got shape {x.shape}"
-            raise GpudeconvError(msg)
-        if x.ndim > 2:  # a stack of planes, each convolved on its own
-            if out is None:
-                out = backend.xp.empty_like(x)
-            for index in np.ndindex(*x.shape[:-2]):
-                self._apply(x[index], adjoint, out[index])
-            return out
         layout = self._layout(x.shape, x.dtype)
         if layout.method == "direct" and self.size <= backend.sv_kernel_max_size:
             return backend.sv_direct(
@@ -366,14 +383,6 @@ class SpatiallyVaryingConvolution:
             return result
         out[...] = result
         return out
-
-    def forward(self, x, out=None):
-        """Blur ``x``: ``y_i = sum_j x_j h_j[i - j]``, ``h_j`` the PSF at source pixel ``j``."""
-        return self._apply(x, adjoint=False, out=out)
-
-    def adjoint(self, y, out=None):
-        """The exact transpose of :meth:`forward`: ``x_j = sum_i y_i h_j[i - j]``."""
-        return self._apply(y, adjoint=True, out=out)
 
     def __repr__(self) -> str:
         ny, nx = self.field.grid

@@ -433,7 +433,10 @@ def _make_modules(state: FakeCuPy) -> dict[str, types.ModuleType]:
             if self._module is None:
                 # g++ understands the preprocessor options; the rest are NVRTC's own.
                 flags = tuple(o for o in self.options if o[:2] in ("-D", "-U", "-I"))
-                built = state.build(self.code, flags)
+                try:
+                    built = state.build(self.code, flags)
+                except kh.BuildError as error:  # NVRTC's errors reach CuPy users this way
+                    raise compiler.CompileException(str(error)) from None
                 missing = [n for n in self.name_expressions or () if n not in built.signatures]
                 if missing:
                     raise compiler.CompileException(
@@ -631,6 +634,7 @@ def _make_cuda(state: FakeCuPy) -> types.ModuleType:
             "major": int(major),
             "minor": int(minor),
             "multiProcessorCount": 132,
+            "clockRate": 1980000,  # kHz, an H100 SXM's boost clock
             "maxThreadsPerBlock": 1024,
             "maxGridSize": (2**31 - 1, 65535, 65535),
         }

@@ -113,6 +113,161 @@ def test_fused_steps_compute_the_rl_formulas(backend):
     np.testing.assert_allclose(backend.to_host(plain), estimate * correction, rtol=1e-12)
 
 
+def rl_step_data(dtype, seed=7):
+    """Observed and blurred sky (about 50 to 5000), 0/1 weights, estimate with NaN pixels and
+    values far out on both sides where norm is 0, correction, norm with pixels at the floor."""
+    rng = np.random.default_rng(seed)
+    shape = (41, 57)
+    observed = (50 + rng.gamma(0.5, 400, shape)).astype(dtype)
+    blurred = (observed * rng.uniform(0.7, 1.3, shape)).astype(dtype)
+    blurred[0, :5] = 0.0  # guarded
+    weight = (rng.random(shape) > 0.1).astype(dtype)
+    estimate = (50 + rng.gamma(0.5, 400, shape)).astype(dtype)
+    estimate[::2, 0], estimate[1::2, 0] = 1e7, -3.0  # kept pixels (norm 0), out of any bounds
+    estimate[7, 7] = estimate[20, 30] = np.nan
+    correction = rng.uniform(0.5, 1.5, shape).astype(dtype)
+    norm = rng.uniform(0.3, 1.0, shape).astype(dtype)
+    norm[:, :2] = 0.0
+    norm[5, 10:20] = NORM_FLOOR / 2
+    return dict(
+        observed=observed,
+        blurred=blurred,
+        weight=weight,
+        estimate=estimate,
+        correction=correction,
+        norm=norm,
+    )
+
+
+def run_update(backend, d, norm=True, **bounds):
+    estimate = backend.asarray(d["estimate"].copy())
+    backend.rl_update(
+        estimate,
+        backend.asarray(d["correction"].copy()),
+        backend.asarray(d["norm"]) if norm else None,
+        **bounds,
+    )
+    return backend.to_host(estimate)
+
+
+def plain_update(d, norm=True):
+    """The update's formula: u c / n where n > NORM_FLOOR (else u), or u c without norm."""
+    if not norm:
+        return d["estimate"] * d["correction"]
+    divided = d["estimate"] * (d["correction"] / np.where(d["norm"] > 0, d["norm"], 1))
+    return np.where(d["norm"] > NORM_FLOOR, divided, d["estimate"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("background", [12.5, -80.0])
+def test_background_shifts_the_denominator(backend, dtype, background):
+    d = rl_step_data(dtype)
+    shift = dtype(background)
+    eps = dtype(RATIO_EPS)
+    expected = d["weight"] * (d["observed"] / np.maximum(d["blurred"] + shift, eps))
+    ratio = backend.rl_ratio(
+        backend.asarray(d["observed"]),
+        backend.asarray(d["blurred"].copy()),
+        backend.asarray(d["weight"]),
+        background=background,
+    )
+    ratio = backend.to_host(ratio)
+    np.testing.assert_allclose(ratio, expected, rtol=1e-6 if dtype == np.float32 else 1e-12)
+    assert np.isfinite(ratio).all()
+    plain = d["weight"] * (d["observed"] / np.maximum(d["blurred"], eps))
+    assert (np.abs(ratio / np.where(plain > 0, plain, 1) - 1) > 1e-3).mean() > 0.8
+    if background < 0:  # the guard holds for the shifted denominator too
+        assert ((d["blurred"] + shift <= eps) & (d["weight"] > 0)).sum() > 5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
+def test_ratio_without_background_is_unchanged_bit_for_bit(dtype, weighted):
+    from gpudeconv.backend._numpy import NumPyBackend
+
+    backend = NumPyBackend()
+    d = rl_step_data(dtype)
+    weight = d["weight"] if weighted else None
+    expected = d["observed"] / np.maximum(d["blurred"], dtype(RATIO_EPS))
+    if weighted:
+        expected *= d["weight"]
+    for options in ({}, {"background": 0.0}, {"background": -0.0}, {"background": np.int64(0)}):
+        ratio = backend.rl_ratio(d["observed"], d["blurred"].copy(), weight, **options)
+        np.testing.assert_array_equal(
+            ratio.view(f"u{ratio.itemsize}"), expected.view(f"u{ratio.itemsize}")
+        )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize(
+    ("lower", "upper"),
+    [(100.0, 900.0), (100.0, None), (None, 900.0), (300.0, 300.0)],
+    ids=["both", "lower", "upper", "equal"],
+)
+def test_clamp_bounds_are_respected(backend, dtype, norm, lower, upper):
+    d = rl_step_data(dtype)
+    unclamped = plain_update(d, norm)
+    result = run_update(backend, d, norm, lower=lower, upper=upper)
+    low = dtype(-np.inf if lower is None else lower)
+    high = dtype(np.inf if upper is None else upper)
+    inside = (unclamped >= low) & (unclamped <= high)
+    rtol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(result[inside], unclamped[inside], rtol=rtol)
+    # every pixel out of bounds sits exactly on its bound, kept pixels (norm 0) included
+    assert (result[unclamped < low] == low).all() and (result[unclamped > high] == high).all()
+    assert (unclamped < low).sum() + (unclamped > high).sum() > 100
+    if norm:  # pixels without data behind them keep their value, then are clamped as well
+        assert upper is None or (result[::2, 0] == high).all()  # from 1e7
+        assert lower is None or (result[1::2, 0] == low).all()  # from -3
+    # NaN stays NaN: the clamp compares, it does not pick the other operand as fmin/fmax do
+    np.testing.assert_array_equal(np.isnan(result), np.isnan(d["estimate"]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "no-norm"])
+def test_update_without_clamp_is_unchanged_bit_for_bit(dtype, norm):
+    from gpudeconv.backend._numpy import NumPyBackend
+
+    backend = NumPyBackend()
+    d = rl_step_data(dtype)
+    expected = plain_update(d, norm).view(f"u{np.dtype(dtype).itemsize}")
+    for bounds in ({}, {"lower": None, "upper": None}):
+        result = run_update(backend, d, norm, **bounds)
+        np.testing.assert_array_equal(result.view(expected.dtype), expected)
+    # open bounds on both sides: a clamp that changes nothing, NaN pixels included
+    result = run_update(backend, d, norm, lower=-np.inf, upper=np.inf)
+    np.testing.assert_array_equal(result.view(expected.dtype), expected)
+
+
+@pytest.mark.parametrize(
+    ("bounds", "message"),
+    [
+        ({"lower": 2, "upper": 1}, r"lower must be <= upper, got lower=2 > upper=1; swap them"),
+        ({"lower": 1e3, "upper": -1.5}, r"got lower=1000 > upper=-1.5"),
+        ({"lower": np.nan}, r"lower must be a number, or None for no bound on that side, got nan"),
+        ({"lower": 0.0, "upper": np.float32("nan")}, r"upper must be a number, or None"),
+    ],
+)
+def test_bad_clamp_bounds_are_refused(backend, bounds, message):
+    d = rl_step_data(np.float32)
+    estimate = backend.asarray(d["estimate"].copy())
+    with pytest.raises(GpudeconvError, match=message) as caught:
+        backend.rl_update(estimate, backend.asarray(d["correction"]), **bounds)
+    assert isinstance(caught.value, ValueError)
+    # refused before anything was written
+    np.testing.assert_array_equal(backend.to_host(estimate), d["estimate"])
+
+
+@pytest.mark.parametrize("background", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_background_is_refused(backend, background):
+    d = rl_step_data(np.float32)
+    blurred = backend.asarray(d["blurred"].copy())
+    with pytest.raises(GpudeconvError, match="background must be a finite number .* got"):
+        backend.rl_ratio(backend.asarray(d["observed"]), blurred, background=background)
+    np.testing.assert_array_equal(backend.to_host(blurred), d["blurred"])
+
+
 def test_kernel_sources_ship_with_the_package():
     import gpudeconv
 

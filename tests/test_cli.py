@@ -122,7 +122,7 @@ def test_deconvolve_with_a_psf_field_file(observed, tmp_path, capsys):
     code, _, err = run(
         ["deconvolve", observed, "-o", tmp_path / "x.fits", "--psf", other_path], capsys
     )
-    assert_one_line_error(code, err, "made for images of 50x60 pixels, but the input is 96x104")
+    assert_one_line_error(code, err, "made for images of 50x60 pixels, but the image is 96x104")
     assert not (tmp_path / "x.fits").exists()
 
 

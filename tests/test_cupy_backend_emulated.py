@@ -16,7 +16,7 @@ import kernel_harness as kh
 import numpy as np
 import pytest
 from helpers import star_field
-from test_kernels_emulated import RTOL, rl_data
+from test_kernels_emulated import RTOL, backgrounds, clamp_data, clamps, rl_data
 
 import gpudeconv as gd
 from gpudeconv import GpudeconvError
@@ -115,38 +115,79 @@ def test_the_fake_leaves_no_trace(emulation_dir):
 # ---------------------------------------------------------------------------- fused steps
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
-def test_rl_ratio_matches_numpy(fake, cupy_backend, dtype, weighted):
+@pytest.mark.parametrize("level", [None, "sky", "negative"], ids=["no-bg", "sky", "negative"])
+def test_rl_ratio_matches_numpy(fake, cupy_backend, dtype, weighted, level):
     d = rl_data(dtype)
     weight = d["weight"] if weighted else None
-    expected = NumPyBackend().rl_ratio(d["observed"], d["blurred"].copy(), weight)
+    # the background as a Python float: the backend must hand the kernel the C type
+    options = {} if level is None else {"background": float(backgrounds(dtype)[level])}
+    expected = NumPyBackend().rl_ratio(d["observed"], d["blurred"].copy(), weight, **options)
     cp = fake.cupy
     blurred = cp.asarray(d["blurred"])
     ratio = cupy_backend.rl_ratio(
-        cp.asarray(d["observed"]), blurred, None if weight is None else cp.asarray(weight)
+        cp.asarray(d["observed"]),
+        blurred,
+        None if weight is None else cp.asarray(weight),
+        **options,
     )
     assert ratio is blurred  # in place, like the NumPy twin
     np.testing.assert_allclose(ratio.get(), expected, rtol=RTOL[dtype], atol=0)
+    if level is not None:
+        plain = NumPyBackend().rl_ratio(d["observed"], d["blurred"].copy(), weight)
+        assert not np.allclose(ratio.get(), plain, rtol=1e-3)
     (launch,) = fake.launches
     assert launch.name == f"gpudeconv_rl_ratio_{dtype}"
     assert len(launch.grid) == 1 and launch.block == (256,)
-    assert launch.argument_types == (*[f"{dtype}*"] * 4, "int32", dtype, "int32")
+    assert launch.argument_types == (*[f"{dtype}*"] * 4, "int32", dtype, dtype, "int32")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("with_norm", [True, False], ids=["norm", "no-norm"])
-def test_rl_update_matches_numpy(fake, cupy_backend, dtype, with_norm):
-    d = rl_data(dtype)
+@pytest.mark.parametrize("sides", [None, "both", "lower", "upper"], ids=str)
+def test_rl_update_matches_numpy(fake, cupy_backend, dtype, with_norm, sides):
+    d = rl_data(dtype) if sides is None else clamp_data(dtype)
     norm = d["norm"] if with_norm else None
+    # the bounds as Python floats: the backend must hand the kernel the C type
+    bounds = (None, None) if sides is None else clamps(dtype)[sides]
+    lower, upper = (None if bound is None else float(bound) for bound in bounds)
     expected = d["estimate"].copy()
-    NumPyBackend().rl_update(expected, d["correction"].copy(), norm)
+    NumPyBackend().rl_update(expected, d["correction"].copy(), norm, lower=lower, upper=upper)
     cp = fake.cupy
     estimate = cp.asarray(d["estimate"])
     result = cupy_backend.rl_update(
-        estimate, cp.asarray(d["correction"]), None if norm is None else cp.asarray(norm)
+        estimate,
+        cp.asarray(d["correction"]),
+        None if norm is None else cp.asarray(norm),
+        lower=lower,
+        upper=upper,
     )
     assert result is None
     np.testing.assert_allclose(estimate.get(), expected, rtol=RTOL[dtype], atol=0)
-    assert [launch.name for launch in fake.launches] == [f"gpudeconv_rl_update_{dtype}"]
+    if sides is not None:
+        unclamped = d["estimate"].copy()
+        NumPyBackend().rl_update(unclamped, d["correction"].copy(), norm)
+        assert (expected != unclamped).sum() > 50  # the clamp did something
+        assert np.isnan(estimate.get()).sum() == 3
+    (launch,) = fake.launches
+    assert launch.name == f"gpudeconv_rl_update_{dtype}"
+    assert launch.argument_types == (*[f"{dtype}*"] * 3, "int32", *[dtype] * 3, "int32", "int32")
+
+
+def test_rl_steps_refuse_bad_scalars_before_launching(fake, cupy_backend):
+    cp = fake.cupy
+    d = rl_data("float32")
+    estimate = cp.asarray(d["estimate"])
+    correction = cp.asarray(d["correction"])
+    with pytest.raises(GpudeconvError, match="lower must be <= upper, got lower=2 > upper=1"):
+        cupy_backend.rl_update(estimate, correction, lower=2.0, upper=1.0)
+    with pytest.raises(GpudeconvError, match="upper must be a number, or None"):
+        cupy_backend.rl_update(estimate, correction, upper=float("nan"))
+    with pytest.raises(GpudeconvError, match="background must be a finite number"):
+        cupy_backend.rl_ratio(
+            cp.asarray(d["observed"]), cp.asarray(d["blurred"]), background=np.inf
+        )
+    np.testing.assert_array_equal(estimate.get(), d["estimate"])
+    assert fake.launches == []
 
 
 # ---------------------------------------------------------------------------- the whole restoration
@@ -202,24 +243,35 @@ def test_launch_mistakes_are_caught(fake, cupy_backend):
     cp = fake.cupy
     a = cp.ones(300, np.float32)
     kernel = cupy_module()._rl_kernel("ratio", a)
-    n, eps, no = np.int32(a.size), np.float32(1e-12), np.int32(0)
-    kernel((2,), (256,), (a, a, a, a, n, eps, no))  # the right call runs
+    n, eps, sky, no = np.int32(a.size), np.float32(1e-12), np.float32(0.0), np.int32(0)
+    kernel((2,), (256,), (a, a, a, a, n, eps, sky, no))  # the right call runs
     with pytest.raises(TypeError, match="pass np.int32.*got int"):
-        kernel((2,), (256,), (a, a, a, a, a.size, eps, no))  # Python int -> long long
+        kernel((2,), (256,), (a, a, a, a, a.size, eps, sky, no))  # Python int -> long long
     with pytest.raises(TypeError, match="pass np.float32.*got float64"):
-        kernel((2,), (256,), (a, a, a, a, n, 1e-12, no))  # Python float -> double
+        kernel((2,), (256,), (a, a, a, a, n, 1e-12, sky, no))  # Python float -> double
+    with pytest.raises(TypeError, match="argument 6 is a C float32: pass np.float32.*float64"):
+        kernel((2,), (256,), (a, a, a, a, n, eps, 0.0, no))  # the background as a Python float
+    with pytest.raises(TypeError, match="takes 8 arguments, got 7"):
+        kernel((2,), (256,), (a, a, a, a, n, eps, no))  # the background forgotten
     with pytest.raises(TypeError, match="expected tuple, got list"):
-        kernel([2], (256,), (a, a, a, a, n, eps, no))
+        kernel([2], (256,), (a, a, a, a, n, eps, sky, no))
     with pytest.raises(TypeError, match="expected tuple, got int"):
-        kernel((2,), 256, (a, a, a, a, n, eps, no))
+        kernel((2,), 256, (a, a, a, a, n, eps, sky, no))
     with pytest.raises(TypeError, match="numpy.ndarray of shape"):
-        kernel((2,), (256,), (a.get(), a, a, a, n, eps, no))  # a host array
+        kernel((2,), (256,), (a.get(), a, a, a, n, eps, sky, no))  # a host array
     with pytest.raises(TypeError, match="got a float64 array"):
-        kernel((2,), (256,), (a, a, a.astype(np.float64), a, n, eps, no))
+        kernel((2,), (256,), (a, a, a.astype(np.float64), a, n, eps, sky, no))
     with pytest.raises(ValueError, match="C-contiguous"):
-        kernel((1,), (256,), (a[::2], a[::2], a[::2], a[::2], np.int32(150), eps, no))
+        kernel((1,), (256,), (a[::2], a[::2], a[::2], a[::2], np.int32(150), eps, sky, no))
     with pytest.raises(kh.KernelError, match="AddressSanitizer"):
-        kernel((2,), (256,), (a, a, a, a, np.int32(a.size + 1), eps, no))  # n too large
+        kernel((2,), (256,), (a, a, a, a, np.int32(a.size + 1), eps, sky, no))  # n too large
+    update = cupy_module()._rl_kernel("update", a)
+    bounds = (np.float32(-np.inf), np.float32(np.inf))
+    update((2,), (256,), (a, a, a, n, eps, *bounds, no, no))  # the right call runs
+    with pytest.raises(TypeError, match="argument 5 is a C float32: pass np.float32.*float64"):
+        update((2,), (256,), (a, a, a, n, eps, -np.inf, np.inf, no, no))  # np.inf is a float
+    with pytest.raises(TypeError, match="argument 8 is a C int32: pass np.int32.*got int64"):
+        update((2,), (256,), (a, a, a, n, eps, *bounds, no, False))  # a bool is a Python int
 
 
 def test_a_backend_that_passes_python_ints_fails(fake, cupy_backend, monkeypatch):

@@ -113,10 +113,28 @@ def index_scalar(idx: str, n: int):
 
 
 # ---------------------------------------------------------------------------- comparisons
-def check_ratio(module, idx, dtype, grid, block, *, weighted: bool, in_place: bool) -> None:
+def backgrounds(dtype: str) -> dict[str, np.floating]:
+    """Background levels of the ratio as the kernel's scalar type: none, a sky that shifts every
+    denominator by a tenth to a half, and a negative level that sends 5% of them below eps (one
+    of them to exactly 0)."""
+    blurred = rl_data(dtype)["blurred"]
+    scalar = dtype_type(dtype)
+    return {
+        "none": scalar(0.0),
+        "sky": scalar(np.median(blurred) * 0.3),
+        "negative": -np.quantile(blurred[blurred > 1], 0.05, method="lower"),
+    }
+
+
+def check_ratio(
+    module, idx, dtype, grid, block, *, weighted: bool, in_place: bool, background=None
+) -> np.ndarray:
     d = rl_data(dtype)
+    background = dtype_type(dtype)(0.0) if background is None else background
     weight = d["weight"] if weighted else None
-    expected = numpy_backend().rl_ratio(d["observed"].copy(), d["blurred"].copy(), weight)
+    expected = numpy_backend().rl_ratio(
+        d["observed"].copy(), d["blurred"].copy(), weight, background=background
+    )
     blurred = d["blurred"].copy()
     ratio = blurred if in_place else np.full(SHAPE, np.nan, dtype)
     module.launch(
@@ -130,16 +148,38 @@ def check_ratio(module, idx, dtype, grid, block, *, weighted: bool, in_place: bo
             ratio,
             index_scalar(idx, ratio.size),
             d["eps"],
+            background,
             np.int32(weighted),
         ),
     )
     np.testing.assert_allclose(ratio, expected, rtol=RTOL[dtype], atol=0)
+    return ratio
 
 
-def check_update(module, idx, dtype, grid, block, *, with_norm: bool) -> None:
+def clamp_data(dtype: str) -> dict[str, np.ndarray]:
+    """rl_data with NaN pixels in the estimate and kept pixels (norm 0) far outside the bounds
+    of :func:`clamps`, which cut the updated values at their 15th and 85th percentiles."""
     d = rl_data(dtype)
-    expected = d["estimate"].copy()
-    numpy_backend().rl_update(expected, d["correction"].copy(), d["norm"] if with_norm else None)
+    estimate = d["estimate"]
+    estimate[::2, 0] = 1e6  # kept pixels (norm[:, :3] == 0): above any upper bound
+    estimate[1::2, 1] = -5.0  # ... and below any lower bound
+    estimate.reshape(-1)[[100, 777, 1500]] = np.nan
+    return d
+
+
+def clamps(dtype: str) -> dict[str, tuple]:
+    """(lower, upper) pairs as the kernel's scalar type; None is an open side."""
+    d = clamp_data(dtype)
+    updated = d["estimate"].copy()
+    numpy_backend().rl_update(updated, d["correction"].copy(), d["norm"])
+    low, high = np.nanquantile(updated, [0.15, 0.85], method="lower")
+    return {"both": (low, high), "lower": (low, None), "upper": (None, high), "equal": (low, low)}
+
+
+def launch_update(module, idx, dtype, grid, block, d, *, with_norm, clamp, has_clamp):
+    """The update kernel on a copy of ``d["estimate"]``; ``clamp`` = (lower, upper), None open."""
+    lower, upper = clamp
+    scalar = dtype_type(dtype)
     estimate = d["estimate"].copy()
     module.launch(
         f"gpudeconv_rl_update_{dtype}",
@@ -151,10 +191,35 @@ def check_update(module, idx, dtype, grid, block, *, with_norm: bool) -> None:
             d["norm"] if with_norm else d["correction"],
             index_scalar(idx, estimate.size),
             d["floor"],
+            scalar(-np.inf if lower is None else lower),
+            scalar(np.inf if upper is None else upper),
             np.int32(with_norm),
+            np.int32(has_clamp),
         ),
     )
+    return estimate
+
+
+def check_update(
+    module, idx, dtype, grid, block, *, with_norm: bool, clamp=(None, None)
+) -> np.ndarray:
+    """The update kernel against the NumPy backend, clamped to ``clamp`` = (lower, upper)."""
+    lower, upper = clamp
+    has_clamp = clamp != (None, None)
+    d = clamp_data(dtype) if has_clamp else rl_data(dtype)
+    expected = d["estimate"].copy()
+    numpy_backend().rl_update(
+        expected,
+        d["correction"].copy(),
+        d["norm"] if with_norm else None,
+        lower=lower,
+        upper=upper,
+    )
+    estimate = launch_update(
+        module, idx, dtype, grid, block, d, with_norm=with_norm, clamp=clamp, has_clamp=has_clamp
+    )
     np.testing.assert_allclose(estimate, expected, rtol=RTOL[dtype], atol=0)
+    return estimate
 
 
 def test_rl_steps_entry_points(rl_steps):
@@ -164,11 +229,31 @@ def test_rl_steps_entry_points(rl_steps):
     )
 
 
-def test_test_data_covers_the_edge_cases():
-    d = rl_data("float32")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_test_data_covers_the_edge_cases(dtype):
+    d = rl_data(dtype)
     assert (d["blurred"] <= d["eps"]).sum() >= 30 and (d["blurred"] == d["eps"]).any()
     assert (d["weight"] == 0).any() and (d["norm"] == 0).any()
     assert (d["norm"] == d["floor"]).any() and ((d["norm"] > d["floor"]) & (d["norm"] < 0.01)).any()
+    levels = backgrounds(dtype)
+    assert all(level.dtype == np.dtype(dtype) for level in levels.values())
+    shifted = d["blurred"] + levels["negative"]
+    assert (shifted <= d["eps"]).sum() > 90 and (shifted == 0).any()  # the guard, shifted
+    assert (d["blurred"] + levels["sky"] > 1.1 * d["blurred"]).mean() > 0.9
+    # every clamp changes updated pixels, kept pixels, and leaves NaN and the pixels in between
+    c = clamp_data(dtype)
+    kept = c["norm"] <= c["floor"]
+    for lower, upper in clamps(dtype).values():
+        assert lower is None or lower.dtype == np.dtype(dtype)
+        assert upper is None or upper.dtype == np.dtype(dtype)
+        low = -np.inf if lower is None else lower
+        high = np.inf if upper is None else upper
+        assert ((c["estimate"] < low) & kept).any() or ((c["estimate"] > high) & kept).any()
+        updated = c["estimate"].copy()
+        numpy_backend().rl_update(updated, c["correction"].copy(), c["norm"])
+        assert ((updated < low) | (updated > high)).sum() > 200
+        assert low == high or ((updated > low) & (updated < high)).sum() > 1000
+        assert np.isnan(updated).sum() == 3
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -185,10 +270,80 @@ def test_rl_ratio_matches_numpy(rl_steps, dtype, grid, block, weighted, in_place
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize(("grid", "block"), LAUNCHES)
+@pytest.mark.parametrize("level", ["sky", "negative"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
+def test_rl_ratio_with_background_matches_numpy(rl_steps, dtype, grid, block, level, weighted):
+    module, idx = rl_steps
+    background = backgrounds(dtype)[level]
+    ratio = check_ratio(
+        module, idx, dtype, grid, block, weighted=weighted, in_place=True, background=background
+    )
+    plain = numpy_backend().rl_ratio(rl_data(dtype)["observed"], rl_data(dtype)["blurred"])
+    assert (ratio != plain).mean() > 0.8  # the background did shift the denominators
+    assert np.isfinite(ratio).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
+def test_rl_ratio_without_background_is_the_numpy_ratio_bit_for_bit(rl_steps, dtype, weighted):
+    module, idx = rl_steps
+    d = rl_data(dtype)
+    weight = d["weight"] if weighted else 1
+    expected = weight * d["observed"] / np.maximum(d["blurred"], d["eps"])  # weights are 0 or 1
+    ratio = check_ratio(module, idx, dtype, (3,), (32,), weighted=weighted, in_place=False)
+    np.testing.assert_array_equal(ratio, expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("grid", "block"), LAUNCHES)
 @pytest.mark.parametrize("with_norm", [True, False], ids=["norm", "no-norm"])
 def test_rl_update_matches_numpy(rl_steps, dtype, grid, block, with_norm):
     module, idx = rl_steps
     check_update(module, idx, dtype, grid, block, with_norm=with_norm)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("grid", "block"), LAUNCHES)
+@pytest.mark.parametrize("with_norm", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize("sides", ["both", "lower", "upper", "equal"])
+def test_rl_update_with_clamp_matches_numpy(rl_steps, dtype, grid, block, with_norm, sides):
+    module, idx = rl_steps
+    lower, upper = clamps(dtype)[sides]
+    estimate = check_update(
+        module, idx, dtype, grid, block, with_norm=with_norm, clamp=(lower, upper)
+    )
+    finite = estimate[~np.isnan(estimate)]
+    assert lower is None or (finite >= lower).all() and (finite == lower).sum() > 50
+    assert upper is None or (finite <= upper).all() and (finite == upper).sum() > 50
+    assert np.isnan(estimate).sum() == 3  # comparisons, not fmin/fmax: NaN stays NaN
+    if with_norm:  # pixels without data behind them are clamped too
+        kept = estimate[:, :2]
+        assert lower is None or (kept[1::2, 1] == lower).all()
+        assert upper is None or (kept[::2, 0] == upper).all()
+
+
+def plain_update(d, *, with_norm: bool) -> np.ndarray:
+    """The update's formula, written here: u c / n where n > floor, else u; or u c."""
+    if not with_norm:
+        return d["estimate"] * d["correction"]
+    divided = d["estimate"] * (d["correction"] / np.where(d["norm"] > 0, d["norm"], 1))
+    return np.where(d["norm"] > d["floor"], divided, d["estimate"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("with_norm", [True, False], ids=["norm", "no-norm"])
+def test_rl_update_without_clamp_is_the_formula_bit_for_bit(rl_steps, dtype, with_norm):
+    """has_clamp = 0, even with tight bounds beside it: the plain update, NaN pixels and all."""
+    module, idx = rl_steps
+    d = clamp_data(dtype)
+    expected = plain_update(d, with_norm=with_norm)
+    tight = clamps(dtype)["both"]
+    for clamp in [(None, None), tight]:
+        estimate = launch_update(
+            module, idx, dtype, (3,), (32,), d, with_norm=with_norm, clamp=clamp, has_clamp=False
+        )
+        np.testing.assert_array_equal(estimate, expected)
+    assert (expected > tight[1]).sum() > 50 and np.isnan(expected).sum() == 3
 
 
 # ---------------------------------------------------------------------------- broken kernels
@@ -213,6 +368,80 @@ def test_harness_catches_a_read_past_the_end(emulation_cache):
     module = broken_rl_steps("i < n; i +=", "i <= n; i +=", 2, emulation_cache)
     with pytest.raises(kh.KernelError, match="AddressSanitizer"):
         check_update(module, "int", "float64", (3,), (32,), with_norm=True)
+
+
+def test_a_ratio_that_drops_the_background_fails(emulation_cache):
+    module = broken_rl_steps(
+        "T b = blurred[i] + background;", "T b = blurred[i];", 1, emulation_cache
+    )
+    check_ratio(module, "int", "float32", (3,), (32,), weighted=True, in_place=True)
+    background = backgrounds("float32")["sky"]
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        check_ratio(
+            module,
+            "int",
+            "float32",
+            (3,),
+            (32,),
+            weighted=True,
+            in_place=True,
+            background=background,
+        )
+
+
+WRONG_CLAMPS = {
+    # fmax/fmin return the other operand for a NaN: NaN pixels become a bound
+    "fmax-lower": ([("if (u < lower) u = lower;", "u = fmax(u, lower);")], "lower"),
+    "fmin-upper": ([("if (u > upper) u = upper;", "u = fmin(u, upper);")], "upper"),
+    # clamped in the divided branch only: pixels without data behind them escape the bounds
+    "data-pixels-only": (
+        [
+            ("if (has_clamp) {", "if (false) {"),
+            (
+                "u = u * (correction[i] / w);",
+                "u = u * (correction[i] / w);\n"
+                "                if (has_clamp) u = u < lower ? lower : (u > upper ? upper : u);",
+            ),
+        ],
+        "both",
+    ),
+}
+
+
+def broken_rl_steps_edited(edits, emulation_cache):
+    text = kh.kernels_module().kernel_source("rl_steps.cu", IDX="int")
+    for old, new in edits:
+        assert text.count(old) == 1, f"rl_steps.cu changed: update this test's {old!r}"
+        text = text.replace(old, new)
+    return kh.build_source(text, name="rl_steps_broken.cu", cache_dir=emulation_cache)
+
+
+@pytest.mark.parametrize("mutant", list(WRONG_CLAMPS))
+def test_a_wrong_clamp_fails(emulation_cache, mutant):
+    edits, sides = WRONG_CLAMPS[mutant]
+    module = broken_rl_steps_edited(edits, emulation_cache)
+    check_update(module, "int", "float64", (3,), (32,), with_norm=True)  # no clamp: still right
+    clamp = clamps("float64")[sides]
+    with pytest.raises(AssertionError, match="Not equal to tolerance|nan location mismatch"):
+        check_update(module, "int", "float64", (3,), (32,), with_norm=True, clamp=clamp)
+
+
+def test_a_clamp_that_ignores_has_clamp_fails(emulation_cache):
+    module = broken_rl_steps("if (has_clamp) {", "if (true) {", 1, emulation_cache)
+    d = clamp_data("float64")
+    estimate = launch_update(
+        module,
+        "int",
+        "float64",
+        (3,),
+        (32,),
+        d,
+        with_norm=True,
+        clamp=clamps("float64")["both"],
+        has_clamp=False,
+    )
+    with pytest.raises(AssertionError, match="Mismatched elements"):
+        np.testing.assert_array_equal(estimate, plain_update(d, with_norm=True))
 
 
 # ---------------------------------------------------------------------------- the emulation itself
@@ -403,22 +632,31 @@ def test_missing_barrier_is_a_data_race(emulation_cache):
 def test_launch_checks_arguments_like_a_strict_cupy(rl_steps):
     module, idx = rl_steps
     a = np.ones(8, np.float32)
-    n, eps, one = index_scalar(idx, 8), np.float32(1e-12), np.int32(1)
+    n, eps, sky, one = index_scalar(idx, 8), np.float32(1e-12), np.float32(0.0), np.int32(1)
     name = "gpudeconv_rl_ratio_float32"
+    module.launch(name, (1,), (8,), (a, a, a, a, n, eps, sky, one))  # the right call runs
     with pytest.raises(TypeError, match="pass np.int"):
-        module.launch(name, (1,), (8,), (a, a, a, a, 8, eps, one))  # a Python int
+        module.launch(name, (1,), (8,), (a, a, a, a, 8, eps, sky, one))  # a Python int
+    with pytest.raises(TypeError, match="argument 6 is a C float32: pass np.float32"):
+        module.launch(name, (1,), (8,), (a, a, a, a, n, eps, 0.0, one))  # a Python float
     with pytest.raises(TypeError, match="float64 array"):
-        module.launch(name, (1,), (8,), (a, a, a.astype(np.float64), a, n, eps, one))
+        module.launch(name, (1,), (8,), (a, a, a.astype(np.float64), a, n, eps, sky, one))
     with pytest.raises(ValueError, match="C-contiguous"):
-        module.launch(name, (1,), (4,), (a[::2], a[::2], a[::2], a[::2], n, eps, one))
+        module.launch(name, (1,), (4,), (a[::2], a[::2], a[::2], a[::2], n, eps, sky, one))
     with pytest.raises(ValueError, match="partly"):
-        module.launch(name, (1,), (4,), (a, a[:4], a[4:], a[2:6], n, eps, one))
+        module.launch(name, (1,), (4,), (a, a[:4], a[4:], a[2:6], n, eps, sky, one))
     with pytest.raises(TypeError, match="tuple"):
-        module.launch(name, 1, (8,), (a, a, a, a, n, eps, one))
-    with pytest.raises(TypeError, match="takes 7 arguments"):
-        module.launch(name, (1,), (8,), (a, a, a, a, n, eps))
+        module.launch(name, 1, (8,), (a, a, a, a, n, eps, sky, one))
+    with pytest.raises(TypeError, match="takes 8 arguments"):
+        module.launch(name, (1,), (8,), (a, a, a, a, n, eps, one))  # the background forgotten
     with pytest.raises(kh.KernelError, match="invalid launch configuration"):
-        module.launch(name, (1,), (2048,), (a, a, a, a, n, eps, one))
+        module.launch(name, (1,), (2048,), (a, a, a, a, n, eps, sky, one))
+    update = "gpudeconv_rl_update_float32"
+    bounds = (np.float32(0.0), np.float32(1.0))
+    with pytest.raises(TypeError, match="takes 9 arguments"):
+        module.launch(update, (1,), (8,), (a, a, a, n, eps, *bounds, one))  # has_clamp forgotten
+    with pytest.raises(TypeError, match="argument 8 is a C int32: pass np.int32"):
+        module.launch(update, (1,), (8,), (a, a, a, n, eps, *bounds, one, True))
 
 
 def test_entry_point_discovery_ignores_comments():

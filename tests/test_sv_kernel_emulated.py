@@ -10,6 +10,7 @@ float32, 32 rows in float64), with node boundaries inside tiles and halos across
 from __future__ import annotations
 
 import os
+import sys
 
 import fake_cupy
 import kernel_harness as kh
@@ -195,3 +196,29 @@ def test_cupy_backend_launches_the_kernel(monkeypatch, emulation_cache):
     assert names == ["gpudeconv_sv_forward_float32", "gpudeconv_sv_adjoint_float32"]
     (module,) = fake.raw_modules
     assert "#define KSIZE 9\n" in module.code and "#define IDX int\n" in module.code
+
+
+def test_fp32_peak_of_the_device(monkeypatch, emulation_cache):
+    """The benchmarks report the SV kernel as a fraction of this: an H100 SXM's 67 TFLOP/s."""
+    fake_cupy.install(monkeypatch, cache_dir=emulation_cache)
+    assert gd.get_backend("cupy").peak_flops() == pytest.approx(2 * 128 * 132 * 1.98e9)
+    assert gd.get_backend("numpy").peak_flops() is None
+
+
+def test_a_kernel_that_does_not_compile_is_one_clear_line(monkeypatch, emulation_cache):
+    fake_cupy.install(monkeypatch, cache_dir=emulation_cache)
+    backend = gd.get_backend("cupy")  # imports gpudeconv.backend._cupy under the fake
+    loader = sys.modules["gpudeconv.backend._cupy"]
+    original = loader.kernel_source
+    monkeypatch.setattr(
+        loader, "kernel_source", lambda *a, **k: original(*a, **k) + "\nthis is not C++;\n"
+    )
+    field = distinct_field((40, 40), (2, 2), 5, seed=17)
+    op = gd.operators.SpatiallyVaryingConvolution(field, "cupy", method="direct")
+    x = backend.asarray(np.ones((40, 40), np.float32))
+    with pytest.raises(gd.GpudeconvError) as caught:
+        op.forward(x)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("compiling kernels/sv_convolve.cu (IDX=int, KSIZE=5) for this GPU")
+    assert "error" in message and "--backend numpy" in message

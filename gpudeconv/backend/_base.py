@@ -9,12 +9,24 @@ methods and never imports cupy.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Backend", "CostRates", "MemoryInfo", "NORM_FLOOR", "RATIO_EPS", "is_cupy_array"]
+from .._errors import GpudeconvError
+
+__all__ = [
+    "Backend",
+    "CostRates",
+    "MemoryInfo",
+    "NORM_FLOOR",
+    "RATIO_EPS",
+    "is_cupy_array",
+    "validate_background",
+    "validate_bounds",
+]
 
 #: Guard of the RL ratio ``d / max(Hu, eps)``: a normal float32 number (CuPy compiles with
 #: ``-ftz``, so denormals would flush to zero), small against any real pixel value, and
@@ -30,6 +42,40 @@ NORM_FLOOR = 1e-3
 def is_cupy_array(a) -> bool:
     """Whether ``a`` is a CuPy array, without importing cupy (array-api-compat's rule)."""
     return type(a).__module__.split(".", 1)[0] == "cupy" and hasattr(a, "__cuda_array_interface__")
+
+
+def validate_background(background) -> float:
+    """``rl_ratio``'s background as a float: finite, else ``GpudeconvError``."""
+    value = float(background)
+    if not math.isfinite(value):
+        msg = (
+            f"background must be a finite number (a constant sky or bias level in the units of "
+            f"the blurred image, 0 for none), got {background!r}"
+        )
+        raise GpudeconvError(msg)
+    return value
+
+
+def validate_bounds(lower, upper) -> tuple[float, float] | None:
+    """``rl_update``'s clamp as ``(lower, upper)``, an open side as -inf or +inf; None without
+    a clamp. A NaN bound or ``lower > upper`` is a ``GpudeconvError``."""
+    if lower is None and upper is None:
+        return None
+    bounds = (
+        -math.inf if lower is None else float(lower),
+        math.inf if upper is None else float(upper),
+    )
+    for name, value in zip(("lower", "upper"), bounds, strict=True):
+        if math.isnan(value):
+            msg = f"{name} must be a number, or None for no bound on that side, got {value}"
+            raise GpudeconvError(msg)
+    if bounds[0] > bounds[1]:
+        msg = (
+            f"lower must be <= upper, got lower={bounds[0]:g} > upper={bounds[1]:g}; swap them, "
+            "or pass None for a side without a bound"
+        )
+        raise GpudeconvError(msg)
+    return bounds
 
 
 @dataclass(frozen=True)
@@ -167,15 +213,33 @@ class Backend(abc.ABC):
 
     # ------------------------------------------------------------------ fused RL steps
     @abc.abstractmethod
-    def rl_ratio(self, observed, blurred, weight=None):
-        """``weight * observed / max(blurred, RATIO_EPS)`` in one pass; may reuse ``blurred``."""
+    def rl_ratio(self, observed, blurred, weight=None, *, background: float = 0.0):
+        """``weight * observed / max(blurred + background, RATIO_EPS)`` in one pass.
+
+        May reuse ``blurred`` for the result. ``background`` is a constant level ``b`` (sky,
+        bias) of the Poisson model ``observed ~ P(H u + b)``, in the units of ``blurred``; it
+        must be finite (``GpudeconvError`` otherwise). 0 gives the plain RL ratio bit for bit.
+        """
 
     @abc.abstractmethod
-    def rl_update(self, estimate, correction, norm=None) -> None:
-        """``estimate *= correction / norm`` in place, in one pass.
+    def rl_update(
+        self,
+        estimate,
+        correction,
+        norm=None,
+        *,
+        lower: float | None = None,
+        upper: float | None = None,
+    ) -> None:
+        """``estimate *= correction / norm`` in place, in one pass, then clamped if asked.
 
         Where ``norm`` (the adjoint applied to the data weights) is given and not above
-        ``NORM_FLOOR`` the pixel has no data behind it and keeps its value.
+        ``NORM_FLOOR`` the pixel has no data behind it and keeps its value; without ``norm``
+        every pixel is multiplied by ``correction``. ``lower`` and ``upper`` (None: no bound on
+        that side) then clamp every pixel of the new estimate, kept ones included, to
+        ``[lower, upper]`` by comparisons: a NaN pixel stays NaN. Without them the step is the
+        plain update, bit for bit. A NaN bound or ``lower > upper`` raises ``GpudeconvError``
+        (a ``ValueError``).
         """
 
     # ------------------------------------------------------------------ facts
@@ -190,6 +254,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def versions(self) -> dict[str, str]:
         """Versions of the libraries this backend computes with (for ``info`` and records)."""
+
+    def peak_flops(self) -> float | None:
+        """The device's FP32 peak in FLOP/s (a fused multiply-add counts 2), None if unknown."""
+        return None
 
     @abc.abstractmethod
     def device_name(self) -> str:

@@ -14,7 +14,15 @@ import cupyx.scipy.ndimage
 import numpy as np
 
 from .._errors import GpudeconvError
-from ._base import NORM_FLOOR, RATIO_EPS, Backend, CostRates, MemoryInfo
+from ._base import (
+    NORM_FLOOR,
+    RATIO_EPS,
+    Backend,
+    CostRates,
+    MemoryInfo,
+    validate_background,
+    validate_bounds,
+)
 from ._kernels import BLOCK, MAX_BLOCKS, SV_MAX_SIZE, index_type, kernel_source, sv_launch
 
 __all__ = ["CuPyBackend", "device_answers"]
@@ -175,31 +183,64 @@ class CuPyBackend(Backend):
     # ------------------------------------------------------------------ fused RL steps
     # The kernels read raw pointers: every array is made C-contiguous in the kernel's dtype
     # (a no-op in the RL loop, where they already are).
-    def rl_ratio(self, observed, blurred, weight=None):
+    def rl_ratio(self, observed, blurred, weight=None, *, background: float = 0.0):
+        background = validate_background(background)
         ratio = cupy.ascontiguousarray(blurred)
-        observed = cupy.ascontiguousarray(observed, dtype=ratio.dtype)
+        dtype = ratio.dtype
+        observed = cupy.ascontiguousarray(observed, dtype=dtype)
         has_weight = weight is not None
-        weight = cupy.ascontiguousarray(weight, dtype=ratio.dtype) if has_weight else observed
-        eps = ratio.dtype.type(RATIO_EPS)
+        weight = cupy.ascontiguousarray(weight, dtype=dtype) if has_weight else observed
         grid, block = _launch_shape(ratio.size)
         _rl_kernel("ratio", ratio)(
             grid,
             block,
-            (observed, ratio, weight, ratio, _index(ratio), eps, np.int32(has_weight)),
+            (
+                observed,
+                ratio,
+                weight,
+                ratio,
+                _index(ratio),
+                dtype.type(RATIO_EPS),
+                dtype.type(background),
+                np.int32(has_weight),
+            ),
         )
         return ratio
 
-    def rl_update(self, estimate, correction, norm=None) -> None:
+    def rl_update(
+        self,
+        estimate,
+        correction,
+        norm=None,
+        *,
+        lower: float | None = None,
+        upper: float | None = None,
+    ) -> None:
+        bounds = validate_bounds(lower, upper)
         if not estimate.flags.c_contiguous:
             msg = "rl_update writes the estimate in place: it must be C-contiguous"
             raise ValueError(msg)
-        correction = cupy.ascontiguousarray(correction, dtype=estimate.dtype)
+        dtype = estimate.dtype
+        correction = cupy.ascontiguousarray(correction, dtype=dtype)
         has_norm = norm is not None
-        norm = cupy.ascontiguousarray(norm, dtype=estimate.dtype) if has_norm else correction
-        floor = estimate.dtype.type(NORM_FLOOR)
+        norm = cupy.ascontiguousarray(norm, dtype=dtype) if has_norm else correction
+        has_clamp = bounds is not None
+        lower, upper = bounds if has_clamp else (-np.inf, np.inf)  # not read without a clamp
         grid, block = _launch_shape(estimate.size)
         _rl_kernel("update", estimate)(
-            grid, block, (estimate, correction, norm, _index(estimate), floor, np.int32(has_norm))
+            grid,
+            block,
+            (
+                estimate,
+                correction,
+                norm,
+                _index(estimate),
+                dtype.type(NORM_FLOOR),
+                dtype.type(lower),
+                dtype.type(upper),
+                np.int32(has_norm),
+                np.int32(has_clamp),
+            ),
         )
 
     # ------------------------------------------------------------------ facts
@@ -235,12 +276,41 @@ class CuPyBackend(Backend):
             "cuda driver": dotted(cupy.cuda.runtime.driverGetVersion()),
         }
 
+    def peak_flops(self) -> float | None:
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        lanes = _FP32_LANES_PER_SM.get((props["major"], props["minor"]))
+        # the boost clock in kHz, as datasheet peaks are quoted; CUDA 13 dropped clockRate from
+        # the properties, the device attribute (cudaDevAttrClockRate = 13) still answers
+        clock = props.get("clockRate")
+        if not clock:
+            try:
+                clock = cupy.cuda.runtime.deviceGetAttribute(13, cupy.cuda.Device().id)
+            except Exception:  # noqa: BLE001  (an unknown attribute: no figure, not a failure)
+                clock = None
+        if lanes is None or not clock:
+            return None
+        return 2.0 * lanes * props["multiProcessorCount"] * clock * 1e3
+
     def device_name(self) -> str:
         device = cupy.cuda.Device()
         name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"]
         if isinstance(name, bytes):
             name = name.decode(errors="replace")
         return f"{name} (GPU {device.id}, sm_{device.compute_capability})"
+
+
+#: FP32 lanes per SM by compute capability (CUDA C Programming Guide, "Arithmetic Instructions")
+_FP32_LANES_PER_SM = {
+    (7, 0): 64,
+    (7, 5): 64,
+    (8, 0): 64,
+    (8, 6): 128,
+    (8, 7): 128,
+    (8, 9): 128,
+    (9, 0): 128,
+    (10, 0): 128,
+    (12, 0): 128,
+}
 
 
 def _index(array):

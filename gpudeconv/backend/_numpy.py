@@ -13,7 +13,15 @@ import scipy.fft
 import scipy.ndimage
 
 from .._errors import GpudeconvError
-from ._base import NORM_FLOOR, RATIO_EPS, Backend, CostRates, MemoryInfo
+from ._base import (
+    NORM_FLOOR,
+    RATIO_EPS,
+    Backend,
+    CostRates,
+    MemoryInfo,
+    validate_background,
+    validate_bounds,
+)
 from ._fftplans import fftw_available, get_plan
 from ._parallel import by_rows
 
@@ -142,18 +150,42 @@ class NumPyBackend(Backend):
         return operation(x, kernel, output=out, mode="constant", cval=0.0)
 
     # ------------------------------------------------------------------ fused RL steps
-    def rl_ratio(self, observed, blurred, weight=None):
-        if weight is None:
-            by_rows(_ratio, observed, blurred)
+    def rl_ratio(self, observed, blurred, weight=None, *, background: float = 0.0):
+        background = blurred.dtype.type(validate_background(background))
+        if background == 0:  # the RL loop's hot path: no shift pass
+            if weight is None:
+                by_rows(_ratio, observed, blurred)
+            else:
+                by_rows(_weighted_ratio, observed, blurred, weight)
+        elif weight is None:
+            by_rows(functools.partial(_shifted_ratio, background=background), observed, blurred)
         else:
-            by_rows(_weighted_ratio, observed, blurred, weight)
+            shifted = functools.partial(_weighted_shifted_ratio, background=background)
+            by_rows(shifted, observed, blurred, weight)
         return blurred
 
-    def rl_update(self, estimate, correction, norm=None) -> None:
+    def rl_update(
+        self,
+        estimate,
+        correction,
+        norm=None,
+        *,
+        lower: float | None = None,
+        upper: float | None = None,
+    ) -> None:
+        bounds = validate_bounds(lower, upper)
+        if bounds is None:  # the RL loop's hot path
+            if norm is None:
+                by_rows(np.multiply, estimate, correction, estimate)
+            else:
+                by_rows(_normalized_update, estimate, correction, norm)
+            return
+        lower, upper = (estimate.dtype.type(bound) for bound in bounds)
         if norm is None:
-            by_rows(np.multiply, estimate, correction, estimate)
+            update, arrays = _product, (estimate, correction)
         else:
-            by_rows(_normalized_update, estimate, correction, norm)
+            update, arrays = _normalized_update, (estimate, correction, norm)
+        by_rows(functools.partial(_clamped, update, lower=lower, upper=upper), *arrays)
 
     # ------------------------------------------------------------------ facts
     def peak_memory(self, function) -> int:
@@ -197,7 +229,11 @@ class NumPyBackend(Backend):
         return f"{_cpu_name()} ({os.cpu_count()} cores, {self.fft_library})"
 
 
-# The NumPy twins of kernels/rl_steps.cu, applied to row blocks by by_rows.
+# The scalar arguments of the fused steps, checked once per call for both backends (the CuPy
+# backend imports these: the package has no other module both backends read that may hold them).
+# The NumPy twins of kernels/rl_steps.cu, applied to row blocks by by_rows. The plain steps are
+# the RL loop's hot path; the background and clamp variants are separate functions so that the
+# plain ones pay nothing for them.
 def _ratio(observed, blurred):
     np.maximum(blurred, RATIO_EPS, out=blurred)
     np.divide(observed, blurred, out=blurred)
@@ -208,6 +244,21 @@ def _weighted_ratio(observed, blurred, weight):
     blurred *= weight
 
 
+def _shifted_ratio(observed, blurred, *, background):
+    # background is of blurred's dtype: the sum is rounded as the kernel rounds it
+    blurred += background
+    _ratio(observed, blurred)
+
+
+def _weighted_shifted_ratio(observed, blurred, weight, *, background):
+    _shifted_ratio(observed, blurred, background=background)
+    blurred *= weight
+
+
+def _product(estimate, correction):
+    estimate *= correction
+
+
 def _normalized_update(estimate, correction, norm):
     # Divide everywhere, then set the few pixels without data to "keep": faster than masked
     # (where=) ufuncs, which NumPy runs element by element.
@@ -215,3 +266,10 @@ def _normalized_update(estimate, correction, norm):
         np.divide(correction, norm, out=correction)
     correction[norm <= NORM_FLOOR] = 1.0
     estimate *= correction
+
+
+def _clamped(update, estimate, *factors, lower, upper):
+    # Every pixel, kept ones included, as the kernel does; np.clip compares like the kernel's
+    # comparisons (a NaN stays NaN, -0 stays -0) and runs at the speed of one multiply.
+    update(estimate, *factors)
+    np.clip(estimate, lower, upper, out=estimate)

@@ -367,6 +367,18 @@ class PSFField:
         except _FITS_ERRORS:
             return False
 
+    def check_image_shape(self, shape, *, name: str = "the PSF field") -> None:
+        """Refuse, in one line, an image whose ``(H, W)`` is not the one this field was made for
+        (its nodes would sit in the wrong places)."""
+        height, width = (int(n) for n in tuple(shape)[-2:])
+        if (height, width) != self.image_shape:
+            msg = (
+                f"{name} was made for images of {self.image_shape[0]}x{self.image_shape[1]} "
+                f"pixels, but the image is {height}x{width}; estimate or build the field for "
+                "this image"
+            )
+            raise GpudeconvError(msg)
+
     def __repr__(self) -> str:
         ny, nx = self.grid
         height, width = self.image_shape

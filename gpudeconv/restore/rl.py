@@ -61,13 +61,7 @@ def _operators(psf, image_shape, channels: int, is_colour: bool, backend: Backen
         fields = list(psf)
     if fields is not None:
         for field in fields:
-            if field.image_shape != tuple(image_shape):
-                msg = (
-                    f"the PSF field was made for images of {field.image_shape[0]}x"
-                    f"{field.image_shape[1]} pixels, but the image is {image_shape[0]}x"
-                    f"{image_shape[1]}; estimate or build the field for this image"
-                )
-                raise GpudeconvError(msg)
+            field.check_image_shape(image_shape)
         # The restoration pads each plane by two PSF radii (see _restore_plane): the operator
         # works on the padded array, whose pixel (0, 0) lies at (-2r, -2r) in the field.
         operators = [
