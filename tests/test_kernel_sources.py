@@ -89,3 +89,37 @@ def test_nvcc_compiles(source, arch, index):
         [*command, str(source)], capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, f"{' '.join(command)} {source.name}:\n{result.stderr}"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("size", [3, 31])
+def test_nvcc_compiles_the_sv_kernel_for_every_psf_size(size):
+    """The PSF side is compiled in: the smallest and the largest (the static shared-memory
+    tile of 31 is 38 KB in float64, under the 48 KB limit), with at most a word of register
+    spill (ptxas spills 8 bytes of the float32 forward at k = 31 on sm_90: an address)."""
+    source = kh.kernels_module().kernel_path("sv_convolve.cu")
+    command = [NVCC, "-arch=sm_90", "-Werror", "all-warnings", "-Xptxas", "-v", f"-DKSIZE={size}"]
+    result = subprocess.run(
+        [*command, "-c", "-o", os.devnull, str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stderr)]
+    assert len(spills) == 4 and max(spills) <= 8, result.stderr
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+def test_the_sv_kernel_refuses_psf_sizes_it_cannot_hold():
+    source = kh.kernels_module().kernel_path("sv_convolve.cu")
+    for size in (33, 8):
+        result = subprocess.run(
+            [NVCC, "-arch=sm_90", f"-DKSIZE={size}", "-c", "-o", os.devnull, str(source)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode != 0 and "KSIZE must be odd and at most 31" in result.stderr

@@ -35,10 +35,11 @@ _MAX_PLANS = 16
 _MAX_PLAN_BYTES = 1 << 30
 #: From this many elements FFTW measures its plans (seconds, once); below it estimates (instant).
 _MEASURE_FROM = 1024 * 1024
-#: Below this many elements FFTW runs on one thread: on the 2-core development VM a 144x144
-#: convolution pair took 0.14 ms on one thread and 47 ms on two (the threads' hand-offs), and
-#: 256x256 0.36 ms against 32 ms.
-_THREADS_FROM = 512 * 512
+#: Below this many elements FFTW runs on one thread. On the idle 2-core development VM two
+#: threads gained nothing at 100x100 (0.052 ms against 0.071 ms a convolution pair) and from
+#: 144x144 up were 1.4-1.8x faster. With the cores taken by other work, two threads were 10-300x
+#: slower at every size (a hand-off waits for a busy core); see bench/README.md.
+_THREADS_FROM = 120 * 120
 
 try:  # pyFFTW is optional: scipy.fft does the same work, somewhat slower
     import pyfftw
