@@ -13,6 +13,7 @@ import math
 import operator
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from ..io import _FITS_ERRORS, _FORMAT_OF_EXTENSION, _write_atomically, check_ou
 from . import models
 from ._validate import validate_psf
 
-__all__ = ["PSFField", "aberrated_field"]
+__all__ = ["FieldWindow", "PSFField", "aberrated_field"]
 
 #: Value of the GDKIND header keyword that marks a FITS file as a PSF field.
 FIELD_KIND = "PSFFIELD"
@@ -367,6 +368,13 @@ class PSFField:
         except _FITS_ERRORS:
             return False
 
+    def window(self, y0: int, x0: int, height: int, width: int) -> FieldWindow:
+        """The part of the field over rows ``y0 .. y0 + height`` and columns ``x0 .. x0 + width``
+        of the image (it may reach beyond the image, where the outer nodes' PSFs hold): what a
+        tile of a mosaic is restored with. ``richardson_lucy`` takes it for an image of
+        ``(height, width)``."""
+        return FieldWindow(self, (int(y0), int(x0)), (int(height), int(width)))
+
     def check_image_shape(self, shape, *, name: str = "the PSF field") -> None:
         """Refuse, in one line, an image whose ``(H, W)`` is not the one this field was made for
         (its nodes would sit in the wrong places)."""
@@ -384,6 +392,30 @@ class PSFField:
         height, width = self.image_shape
         k = self.size
         return f"PSFField(grid {ny}x{nx}, psf {k}x{k}, image {height}x{width})"
+
+
+@dataclass(frozen=True)
+class FieldWindow:
+    """A window of a :class:`PSFField`: the field seen by an array of ``shape`` whose pixel
+    (0, 0) lies at ``origin`` (row, column) of the field's image. Made by `PSFField.window`."""
+
+    field: PSFField
+    origin: tuple[int, int]
+    shape: tuple[int, int]
+
+    @property
+    def radius(self) -> int:
+        return self.field.radius
+
+    def check_image_shape(self, shape, *, name: str = "the PSF field window") -> None:
+        """Refuse an image whose ``(H, W)`` is not the window's."""
+        height, width = (int(n) for n in tuple(shape)[-2:])
+        if (height, width) != self.shape:
+            msg = (
+                f"{name} covers {self.shape[0]}x{self.shape[1]} pixels, but the image is "
+                f"{height}x{width}; take the window of the tile's own size"
+            )
+            raise GpudeconvError(msg)
 
 
 def aberrated_field(

@@ -11,6 +11,7 @@ from .._errors import GpudeconvError, GpudeconvWarning
 from ..backend import Backend, backend_for, is_cupy_array
 from ..operators import Convolution, SpatiallyVaryingConvolution
 from ..psf import PSFField, validate_psf
+from ..psf.field import FieldWindow
 
 __all__ = ["richardson_lucy"]
 
@@ -53,23 +54,32 @@ def _validate_iterations(iterations) -> int:
 
 def _operators(psf, image_shape, channels: int, is_colour: bool, backend: Backend) -> list:
     """One blur operator per channel (shared when one PSF or field serves all channels)."""
-    fields = [psf] if isinstance(psf, PSFField) else None
-    if isinstance(psf, (list, tuple)) and psf and all(isinstance(p, PSFField) for p in psf):
+    fields = [psf] if isinstance(psf, (PSFField, FieldWindow)) else None
+    if (
+        isinstance(psf, (list, tuple))
+        and psf
+        and all(isinstance(p, (PSFField, FieldWindow)) for p in psf)
+    ):
         if len(psf) != channels:
             msg = f"{len(psf)} PSF fields were given for an image of {channels} channel(s)"
             raise GpudeconvError(msg)
         fields = list(psf)
     if fields is not None:
+        operators = []
         for field in fields:
             field.check_image_shape(image_shape)
-        # The restoration pads each plane by two PSF radii (see _restore_plane): the operator
-        # works on the padded array, whose pixel (0, 0) lies at (-2r, -2r) in the field.
-        operators = [
-            SpatiallyVaryingConvolution(
-                field, backend, origin=(-2 * field.radius, -2 * field.radius)
+            # The restoration pads each plane by two PSF radii (see _restore_plane): the
+            # operator works on the padded array, whose pixel (0, 0) lies 2r before the image's
+            # (or the window's) first pixel in the field.
+            whole, origin = (
+                (field.field, field.origin) if isinstance(field, FieldWindow) else (field, (0, 0))
             )
-            for field in fields
-        ]
+            pad = 2 * whole.radius
+            operators.append(
+                SpatiallyVaryingConvolution(
+                    whole, backend, origin=(origin[0] - pad, origin[1] - pad)
+                )
+            )
         return operators * channels if len(operators) == 1 else operators
     host_psf = validate_psf(backend.to_host(psf), channels=channels if is_colour else None)
     if host_psf.ndim == 2:
@@ -93,10 +103,12 @@ def richardson_lucy(
     image : (H, W) or (C, H, W) ndarray (NumPy or CuPy)
         The observed image; colour channel-first, restored channel by channel. Non-finite pixels
         are no-data: they carry no weight in the fit and come back as NaN.
-    psf : (k, k) or (C, k, k) array_like, or PSFField (or one per channel)
+    psf : (k, k) or (C, k, k) array_like, or PSFField or FieldWindow (or one per channel)
         The PSF, odd sides, normalized to sum 1 internally; one for all channels or one each.
         A :class:`~gpudeconv.PSFField` made for this image's shape restores with a PSF that
-        varies across the field (:class:`~gpudeconv.operators.SpatiallyVaryingConvolution`).
+        varies across the field (:class:`~gpudeconv.operators.SpatiallyVaryingConvolution`);
+        ``field.window(y0, x0, H, W)`` restores a tile of the field's image with its own part of
+        the field.
     iterations : int
         Number of iterations (10 to 50 is typical; more sharpens noise).
     backend : {'auto', 'numpy', 'cupy'} or Backend, optional
