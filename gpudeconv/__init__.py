@@ -12,7 +12,7 @@ from ._version import __version__
 from .api import deconvolve
 from .backend import available_backends, get_backend
 from .io import read_image, write_image
-from .psf import PSFField
+from .psf import PSFField, estimate_psf
 from .restore import richardson_lucy
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "deconvolve",
+    "estimate_psf",
     "get_backend",
     "operators",
     "psf",

@@ -21,6 +21,7 @@ def deconvolve(
     iterations: int = 30,
     backend: str | Backend | None = None,
     tile: int | None = None,
+    psf_grid: tuple[int, int] | None = None,
     **options,
 ):
     """Deconvolve an image (array or path) with the chosen method.
@@ -29,16 +30,18 @@ def deconvolve(
     ----------
     image : (H, W) or (C, H, W) ndarray, or str / os.PathLike
         The image, or the path of a FITS, TIFF, PNG or JPEG file to read.
-    psf : (k, k) or (C, k, k) array_like, or PSFField
-        The PSF, or a field of PSFs that varies across the image. Estimation from the image's
-        stars (``psf=None``) is not in this version yet: give a measured PSF, a model such as
-        ``gd.psf.moffat(fwhm)``, or a ``gd.PSFField``.
+    psf : (k, k) or (C, k, k) array_like, or PSFField, optional
+        The PSF, or a field of PSFs that varies across the image. None (the default) estimates
+        it from the image's stars with `gpudeconv.estimate_psf` (Moffat model; colour images
+        on the sum of their channels, one PSF for all).
     method : {'rl'}
         Richardson-Lucy.
     iterations : int
     backend : {'auto', 'numpy', 'cupy'} or Backend, optional
     tile : None
         The whole image is restored in memory; tile streaming is not available in this version.
+    psf_grid : (ny, nx) tuple of int, optional
+        With ``psf=None``: estimate a `PSFField` on this grid of nodes instead of one PSF.
     **options
         Passed to the method (``progress``, ``callback`` for ``'rl'``).
 
@@ -53,14 +56,18 @@ def deconvolve(
     if tile is not None:
         msg = "tile streaming is not available in this version; leave tile unset (None)"
         raise GpudeconvError(msg)
-    if psf is None:
+    if psf is not None and psf_grid is not None:
         msg = (
-            "no PSF given and this version cannot estimate one from stars yet; pass psf= "
-            "(a measured PSF array, or e.g. gpudeconv.psf.moffat(fwhm=3.5))"
+            "psf_grid sets the grid of a PSF field estimated from the stars (psf=None); drop it "
+            "when giving psf="
         )
         raise GpudeconvError(msg)
     if isinstance(image, (str, os.PathLike)):
         from .io import read_image
 
         image, _ = read_image(image)
+    if psf is None:
+        from .psf.estimate import estimate_psf
+
+        psf = estimate_psf(image, grid=psf_grid)
     return richardson_lucy(image, psf, iterations, backend=backend, **options)

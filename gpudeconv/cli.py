@@ -1,4 +1,4 @@
-"""The ``gpudeconv`` command: deconvolve, info, demo, bench.
+"""The ``gpudeconv`` command: deconvolve, psf, sweep, info, demo, bench.
 
 Every user error ends as one line on stderr (what is wrong and what to do) with exit code 2; the
 input is never modified and no partial output is left behind (outputs are written atomically).
@@ -7,8 +7,11 @@ input is never modified and no partial output is left behind (outputs are writte
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
+import secrets
 import sys
 import time
 import warnings
@@ -23,6 +26,7 @@ __all__ = ["main"]
 
 USER_ERROR = 2
 _INTEGER_ONLY = (".png", ".jpg", ".jpeg")  # formats that hold no floating-point pixels
+_FITS_NAMES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz")  # PSFs are saved as FITS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,6 +58,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _grid(text: str) -> tuple[int, int]:
+    """``'3x4'`` -> ``(3, 4)``: node rows by node columns."""
+    parts = text.strip().lower().split("x")
+    try:
+        ny, nx = (int(part) for part in parts)
+    except ValueError:
+        ny = nx = 0
+    if ny < 1 or nx < 1:
+        msg = f"expected a grid NYxNX of two positive integers such as 3x3, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return ny, nx
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gpudeconv",
@@ -69,17 +86,25 @@ def _build_parser() -> argparse.ArgumentParser:
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--psf",
-        metavar="FILE",
-        help="PSF image (FITS/TIFF/PNG, odd sides) or a PSF field FITS (varies across the image)",
+        metavar="FILE|auto",
+        help="PSF image (FITS/TIFF/PNG, odd sides), a PSF field FITS (varies across the image), "
+        "or 'auto' to estimate it from the image's stars (saved as <OUT stem>_psf.fits)",
     )
     source.add_argument(
         "--psf-fwhm", type=_positive_float, metavar="F", help="model PSF FWHM in pixels"
     )
     run.add_argument(
+        "--psf-grid",
+        type=_grid,
+        metavar="NYxNX",
+        help="with --psf auto: estimate a PSF field on this grid of nodes (e.g. 3x3)",
+    )
+    run.add_argument(
         "--psf-model",
-        choices=("moffat", "gaussian"),
+        choices=("moffat", "gaussian", "empirical"),
         default=None,
-        help="model PSF shape (default moffat; gaussian for planetary/lunar seeing)",
+        help="PSF shape (default moffat; gaussian for planetary/lunar seeing; empirical: the "
+        "stars' own stacked profile, with --psf auto only)",
     )
     run.add_argument("--psf-beta", type=float, metavar="B", help="Moffat beta (default 2.5)")
     run.add_argument(
@@ -94,6 +119,42 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    psf = commands.add_parser(
+        "psf",
+        help="estimate the PSF (or a PSF field) from the image's stars, with a report",
+        description="Estimate the PSF from the image's stars, save it, report the stars' "
+        "shapes and what they say about the optics (tilt, curvature, coma, collimation).",
+    )
+    psf.add_argument("input", metavar="IN", help="FITS, TIFF, PNG or JPEG image with stars")
+    psf.add_argument(
+        "-o", "--output", required=True, metavar="PSF.fits", help="the PSF or PSF field (FITS)"
+    )
+    psf.add_argument(
+        "--grid", type=_grid, metavar="NYxNX", help="a PSF field on NY x NX nodes (e.g. 3x3)"
+    )
+    psf.add_argument(
+        "--model",
+        choices=("moffat", "gaussian", "empirical"),
+        default="moffat",
+        help="fitted PSF model (default moffat); empirical: the stars' stacked profile",
+    )
+    psf.add_argument(
+        "--saturation",
+        type=_positive_float,
+        metavar="ADU",
+        help="stars reaching this level are left out (default: found from the data)",
+    )
+    psf.add_argument("--report", metavar="REPORT.json", help="also write the report as JSON")
+    maps = psf.add_mutually_exclusive_group()
+    maps.add_argument(
+        "--map",
+        metavar="MAP.png",
+        help="PNG map of the stars' shapes and the PSFs (default <PSF stem>_map.png)",
+    )
+    maps.add_argument("--no-map", action="store_true", help="write no PNG map")
+    psf.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    psf.add_argument("--quiet", action="store_true", help="print no report")
+
     info = commands.add_parser("info", help="backends, device, memory, versions")
     info.add_argument("--backend", default=None, metavar="{auto,numpy,cupy}")
 
@@ -106,6 +167,10 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--iterations", type=_positive_int, default=20, metavar="N")
     bench.add_argument("--backend", default=None, metavar="{auto,numpy,cupy}")
     bench.add_argument("--no-peers", action="store_true", help="time gpudeconv only")
+
+    from .sweep import add_parser as add_sweep_parser  # planetary/lunar: a contact sheet of PSFs
+
+    add_sweep_parser(commands)
     return parser
 
 
@@ -172,20 +237,54 @@ def _output_dtype(output_path: Path, input_dtype: np.dtype, result_dtype: np.dty
     return result_dtype
 
 
+def _validate_psf_options(args) -> None:
+    """Refuse PSF options that do not go together, before any work."""
+    auto = args.psf == "auto"
+    if args.psf_grid is not None and not auto:
+        msg = (
+            "--psf-grid NYxNX sets the grid of a PSF field estimated from the stars: use it with "
+            "--psf auto (a saved field goes with --psf FILE)"
+        )
+        raise GpudeconvError(msg)
+    if auto:
+        if args.psf_beta is not None or args.psf_ratio != 1.0 or args.psf_angle != 0.0:
+            msg = (
+                "--psf-beta/--psf-ratio/--psf-angle describe a model PSF; with --psf auto they "
+                "are measured on the stars: drop them"
+            )
+            raise GpudeconvError(msg)
+    elif args.psf is not None:
+        if args.psf_model or args.psf_beta is not None:
+            msg = "--psf-model/--psf-beta describe a model PSF; they cannot go with --psf FILE"
+            raise GpudeconvError(msg)
+    elif args.psf_model == "empirical":
+        msg = "--psf-model empirical is measured on the stars: use it with --psf auto"
+        raise GpudeconvError(msg)
+
+
 def _deconvolve(args) -> int:
     from .backend import get_backend
     from .io import provenance_header, read_image, write_image
     from .restore import richardson_lucy
 
     input_path, output_path = Path(args.input), Path(args.output)
+    _validate_psf_options(args)
+    auto = args.psf == "auto"
     backend = get_backend(args.backend)
     _check_output(input_path, output_path, args.overwrite)
+    psf_path = _beside(output_path, "_psf.fits") if auto else None
+    if psf_path is not None:
+        _check_output(input_path, psf_path, args.overwrite)
     image, header = read_image(input_path)
     channels = image.shape[0] if image.ndim == 3 else None
-    if args.psf is not None:
-        if args.psf_model or args.psf_beta is not None:
-            msg = "--psf-model/--psf-beta describe a model PSF; they cannot go with --psf FILE"
-            raise GpudeconvError(msg)
+    estimate = None
+    if auto:
+        estimate = _fit_psf(image, grid=args.psf_grid, model=args.psf_model or "moffat")
+        kernel = estimate.psf
+        psf_text = f"{_estimate_text(estimate)}; saved as {psf_path.name}"
+        if not args.quiet:
+            print("\n".join(_report_lines(_psf_report(estimate))))
+    elif args.psf is not None:
         kernel, psf_text = _file_psf(args.psf, channels, image.shape[-2:])
     else:
         kernel, psf_text = _model_psf(args)
@@ -199,16 +298,357 @@ def _deconvolve(args) -> int:
     header = provenance_header(
         header, method=args.method, psf=psf_text, iterations=args.iterations, backend=backend.name
     )
+    if estimate is not None:
+        # After the long work: an interrupted run leaves neither file.
+        _save_psf(estimate, psf_path, input_path, overwrite=args.overwrite)
     write_image(output_path, restored, header, dtype=out_dtype, overwrite=args.overwrite)
     if not args.quiet:
         pixels = int(np.prod(image.shape))
         rate = pixels * args.iterations / elapsed / 1e6
+        saved = f" and its PSF {psf_path}" if psf_path is not None else ""
         print(
-            f"gpudeconv: wrote {output_path} ({args.iterations} iterations on {backend.name}, "
-            f"{elapsed:.1f} s, {rate:.1f} MPix*it/s)",
+            f"gpudeconv: wrote {output_path}{saved} ({args.iterations} iterations on "
+            f"{backend.name}, {elapsed:.1f} s, {rate:.1f} MPix*it/s)",
             file=sys.stderr,
         )
     return 0
+
+
+# ---------------------------------------------------------------------------- psf
+def _psf(args) -> int:
+    from .io import read_image
+    from .psf.diagnose import diagnose
+
+    input_path, output_path = Path(args.input), Path(args.output)
+    _check_fits_name(output_path, "-o")
+    _check_output(input_path, output_path, args.overwrite)
+    report_path = Path(args.report) if args.report else None
+    if report_path is not None:
+        _check_text_output(input_path, report_path, args.overwrite)
+    map_path = _map_path(args, input_path, output_path)
+    _check_distinct(output_path, report_path, map_path)
+
+    image, _ = read_image(input_path)
+    estimate = _fit_psf(image, grid=args.grid, model=args.model, saturation=args.saturation)
+    diagnosis = diagnose(estimate)
+    report = _psf_report(estimate, diagnosis)
+    report = {"input": str(input_path), "output": str(output_path), **report}
+
+    written = []
+    if map_path is not None:
+        # First: drawing is the step most likely to fail, and it then leaves nothing behind.
+        from .psf.plot import field_map
+
+        field_map(map_path, image, estimate, diagnosis, overwrite=args.overwrite)
+        written.append(map_path)
+    _save_psf(estimate, output_path, input_path, overwrite=args.overwrite)
+    written.insert(0, output_path)
+    if report_path is not None:
+        _write_text(report_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        written.append(report_path)
+    if not args.quiet:
+        print("\n".join([*_report_lines(report), diagnosis.text()]))
+        print(f"gpudeconv: wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0
+
+
+def _fit_psf(image, *, grid, model: str, saturation: float | None = None):
+    from .psf.estimate import fit_psf
+
+    return fit_psf(image, grid=grid, model=model, saturation=saturation)
+
+
+def _beside(path: Path, suffix: str) -> Path:
+    """``path`` with its image extension (``.fits``, ``.fit.gz``, ...) replaced by ``suffix``."""
+    from .io import SUPPORTED_EXTENSIONS
+
+    name = path.name
+    for extension in sorted(SUPPORTED_EXTENSIONS, key=len, reverse=True):
+        if name.lower().endswith(extension) and len(name) > len(extension):
+            name = name[: -len(extension)]
+            break
+    else:
+        name = path.stem or name
+    return path.with_name(name + suffix)
+
+
+def _check_fits_name(path: Path, option: str) -> None:
+    if not path.name.lower().endswith(_FITS_NAMES):
+        msg = (
+            f"{option} {path}: the PSF is saved as FITS; give a name ending in "
+            f"{', '.join(_FITS_NAMES)}"
+        )
+        raise GpudeconvError(msg)
+
+
+def _check_text_output(input_path: Path, path: Path, overwrite: bool) -> None:
+    from .io import _validate_output_path
+
+    if path.exists() and input_path.exists() and os.path.samefile(input_path, path):
+        msg = f"output {path} is the input file; choose another path (inputs are kept)"
+        raise GpudeconvError(msg)
+    _validate_output_path(path, overwrite=overwrite)
+
+
+def _map_path(args, input_path: Path, output_path: Path) -> Path | None:
+    """Where the PNG map goes, checked; None without a map (and a note if matplotlib is missing)."""
+    from .psf.plot import _INSTALL_HINT, have_matplotlib
+
+    if args.no_map:
+        return None
+    if args.map is None:
+        if not have_matplotlib():
+            if not args.quiet:
+                print(
+                    f"gpudeconv: note: no PSF map drawn: matplotlib is not installed; "
+                    f"{_INSTALL_HINT}",
+                    file=sys.stderr,
+                )
+            return None
+        path = _beside(output_path, "_map.png")
+        if path.exists() and not args.overwrite:
+            msg = (
+                f"output {path} (the PSF map) exists; pass --overwrite to replace it, --map to "
+                "choose another path or --no-map"
+            )
+            raise GpudeconvError(msg)
+    else:
+        path = Path(args.map)
+        if not path.name.lower().endswith(".png"):
+            msg = f"--map {path}: the PSF map is a PNG image; give a name ending in .png"
+            raise GpudeconvError(msg)
+        if not have_matplotlib():
+            msg = f"--map needs matplotlib, which is not installed: {_INSTALL_HINT}"
+            raise GpudeconvError(msg)
+    _check_output(input_path, path, args.overwrite)
+    return path
+
+
+def _check_distinct(*paths: Path | None) -> None:
+    seen = {}
+    for path in paths:
+        if path is None:
+            continue
+        key = path.resolve()
+        if key in seen:
+            msg = f"{seen[key]} is given for two outputs; give each output its own path"
+            raise GpudeconvError(msg)
+        seen[key] = path
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically: a temporary file in the same folder, renamed onto ``path``."""
+    folder = path.parent
+    for _ in range(100):
+        tmp = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            # O_EXCL: never clobber; 0o666 so the umask applies as for any new file.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        break
+    else:
+        msg = f"could not create a temporary file in {folder}: choose another output path"
+        raise GpudeconvError(msg)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            reason = " ".join(str(exc).split())
+            msg = f"could not write {path} ({reason}): check free space and permissions"
+            raise GpudeconvError(msg) from exc
+        raise
+
+
+def _save_psf(estimate, path: Path, input_path: Path, *, overwrite: bool) -> None:
+    """The estimated PSF as a 2-D FITS image with its parameters, or the field's own file."""
+    from astropy.io import fits
+
+    from .io import write_image
+
+    psf = estimate.psf
+    if hasattr(psf, "psfs"):
+        psf.save(path, overwrite=overwrite)
+        return
+    height, width = estimate.image_shape
+    parameters = estimate.parameters_at((height - 1) / 2, (width - 1) / 2)
+    header = fits.Header()
+    header["GDKIND"] = ("PSF", "gpudeconv PSF estimated from stars")
+    header["PSFMODEL"] = (estimate.model, "fitted model: moffat, gaussian or empirical")
+    # FITS cards cannot hold NaN: a value that is not finite (beta of a Gaussian) is left out.
+    numbers = [
+        ("FWHM", parameters.get("fwhm"), "major-axis FWHM at the centre, pixels"),
+        ("RATIO", parameters.get("ratio"), "minor/major FWHM"),
+        ("ANGLE", parameters.get("angle"), "major axis, deg from +x toward +y"),
+        ("BETA", parameters.get("beta"), "Moffat wing exponent"),
+        ("SKYLEVEL", estimate.background, "background level, image units"),
+        ("SKYNOISE", estimate.noise, "background noise (sigma), image units"),
+    ]
+    for key, value, comment in numbers:
+        if value is not None and np.isfinite(value):
+            header[key] = (round(float(value), 6), comment)
+    header["NFOUND"] = (int(estimate.found), "stars detected")
+    header["NUSED"] = (int(estimate.used), "stars the PSF was estimated from")
+    header["IMAGEH"] = (int(height), "height of the image the PSF was estimated on")
+    header["IMAGEW"] = (int(width), "width of the image the PSF was estimated on")
+    header.add_history(f"gpudeconv {__version__} psf: estimated from {input_path.name}")
+    kernel = np.asarray(psf, dtype=np.float32)
+    write_image(path, kernel, header, overwrite=overwrite)
+
+
+# --- the report: counts, parameters, per-node parameters (the CLI prints it, --report saves it)
+
+
+def _psf_report(estimate, diagnosis=None) -> dict:
+    """Counts and fitted parameters of an estimate (and its diagnosis), JSON-ready."""
+    height, width = (int(n) for n in estimate.image_shape)
+    psf = estimate.psf
+    grid = getattr(psf, "grid", None)
+    size = int(psf.size) if grid is not None else int(np.asarray(psf).shape[-1])
+    report = {
+        "gpudeconv": __version__,
+        "model": estimate.model,
+        "image_shape": [height, width],
+        "grid": list(grid) if grid is not None else None,
+        "psf_size": size,
+        "stars": {
+            "found": int(estimate.found),
+            "used": int(estimate.used),
+            "rejected": {str(k): int(v) for k, v in estimate.rejected.items()},
+        },
+        "background": _number(estimate.background),
+        "noise": _number(estimate.noise),
+    }
+    if grid is None:
+        parameters = estimate.parameters_at((height - 1) / 2, (width - 1) / 2)
+        report["psf"] = _parameters(parameters)
+    else:
+        nodes = []
+        for a, row in enumerate(psf.node_rows()):
+            for b, col in enumerate(psf.node_cols()):
+                values = _parameters(estimate.parameters_at(float(row), float(col)))
+                nodes.append({"node": [a, b], "y": float(row), "x": float(col), **values})
+        report["psf"] = _central(nodes)
+        report["range"] = _ranges(nodes, report["psf"]["angle"])
+        report["nodes"] = nodes
+    used = _used_fwhm(estimate.stars)
+    report["stars"]["fwhm_median"] = _number(np.median(used)) if used.size else None
+    if diagnosis is not None:
+        report["diagnosis"] = diagnosis.as_dict()
+    return report
+
+
+def _parameters(parameters: dict) -> dict:
+    ratio = _number(parameters["ratio"])
+    return {
+        "fwhm": _number(parameters["fwhm"]),
+        "ratio": ratio,
+        "ellipticity": None if ratio is None else 1.0 - ratio,
+        "angle": _number(float(parameters["angle"]) % 180),
+        "beta": _number(parameters.get("beta", float("nan"))),
+    }
+
+
+def _central(nodes: list[dict]) -> dict:
+    """Median of each parameter over the nodes; the axial mean for the angle."""
+    central = {}
+    for key in ("fwhm", "ratio", "ellipticity", "beta"):
+        values = [n[key] for n in nodes if n[key] is not None]
+        central[key] = float(np.median(values)) if values else None
+    doubled = np.radians(2 * np.array([n["angle"] for n in nodes if n["angle"] is not None]))
+    weights = np.array([n["ellipticity"] or 0.0 for n in nodes if n["angle"] is not None])
+    if doubled.size and weights.sum() > 0:
+        mean = np.arctan2(np.sum(weights * np.sin(doubled)), np.sum(weights * np.cos(doubled)))
+        central["angle"] = float(np.degrees(mean) / 2 % 180)
+    else:
+        central["angle"] = float(nodes[0]["angle"]) if nodes and nodes[0]["angle"] else 0.0
+    return central
+
+
+def _ranges(nodes: list[dict], angle: float) -> dict:
+    """[min, max] of each parameter over the nodes; angles unwrapped around ``angle`` (so they
+    may leave [0, 180): 170 to 190 rather than 10 to 170 for angles close to 0)."""
+    ranges = {}
+    for key in ("fwhm", "ratio", "ellipticity", "beta"):
+        values = [n[key] for n in nodes if n[key] is not None]
+        ranges[key] = [float(min(values)), float(max(values))] if values else None
+    offsets = [(n["angle"] - angle + 90) % 180 - 90 for n in nodes if n["angle"] is not None]
+    ranges["angle"] = [angle + min(offsets), angle + max(offsets)] if offsets else None
+    return ranges
+
+
+def _used_fwhm(stars) -> np.ndarray:
+    fwhm = np.asarray(stars["fwhm"], dtype=np.float64)
+    if "used" in stars.colnames:
+        fwhm = fwhm[np.asarray(stars["used"], dtype=bool)]
+    return fwhm[np.isfinite(fwhm)]
+
+
+def _number(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _report_lines(report: dict) -> list[str]:
+    """The short report for people: stars, PSF parameters, the field's spread."""
+    stars = report["stars"]
+    rejected = sum(stars["rejected"].values())
+    reasons = ", ".join(f"{name} {count}" for name, count in stars["rejected"].items() if count)
+    line = f"stars: {stars['found']} found, {stars['used']} used, {rejected} rejected"
+    lines = [line + (f" ({reasons})" if reasons else "")]
+    psf = report["psf"]
+    beta = f", beta {psf['beta']:.2f}" if psf.get("beta") is not None else ""
+    size = report["psf_size"]
+    where = "at the centre" if report["grid"] is None else "median of the nodes"
+    lines.append(
+        f"PSF ({report['model']}, {size}x{size}, {where}): FWHM {psf['fwhm']:.2f} px, "
+        f"ellipticity {psf['ellipticity']:.2f} (minor/major {psf['ratio']:.2f}), "
+        f"angle {psf['angle']:.0f} deg{beta}"
+    )
+    if report["grid"] is not None:
+        ny, nx = report["grid"]
+        spread = report["range"]
+        low, high = spread["angle"]
+        # Angles are axial (mod 180): the range is unwrapped around the central angle, and one
+        # wider than 90 deg (a radial pattern) has no meaningful ends.
+        angles = f"angle {low:.0f} to {high:.0f} deg" if high - low < 90 else "angles every way"
+        lines.append(
+            f"across the {ny}x{nx} field: FWHM {spread['fwhm'][0]:.2f} to {spread['fwhm'][1]:.2f} "
+            f"px, ellipticity {spread['ellipticity'][0]:.2f} to {spread['ellipticity'][1]:.2f}, "
+            f"{angles}"
+        )
+    lines.append(
+        f"background {report['background']:.4g}, noise {report['noise']:.3g} (image units)"
+        if report["background"] is not None and report["noise"] is not None
+        else "background and noise not measured"
+    )
+    return lines
+
+
+def _estimate_text(estimate) -> str:
+    """The PSF line of the output's HISTORY: 'estimated from N stars (model, FWHM ...)'."""
+    report = _psf_report(estimate)
+    psf = report["psf"]
+    beta = f", beta {psf['beta']:.2f}" if psf.get("beta") is not None else ""
+    shape = (
+        f"FWHM {psf['fwhm']:.2f} px, minor/major {psf['ratio']:.2f}, angle {psf['angle']:.0f} deg"
+        f"{beta}"
+    )
+    size = report["psf_size"]
+    if report["grid"] is None:
+        return f"estimated from {estimate.used} stars ({estimate.model}, {shape}, {size}x{size})"
+    ny, nx = report["grid"]
+    low, high = report["range"]["fwhm"]
+    return (
+        f"estimated from {estimate.used} stars as a {ny}x{nx} field ({estimate.model}, median "
+        f"{shape}, FWHM {low:.2f} to {high:.2f} px across the field, {size}x{size})"
+    )
 
 
 # ---------------------------------------------------------------------------- info
@@ -256,7 +696,20 @@ def _bench(args) -> int:
     return 0
 
 
-_COMMANDS = {"deconvolve": _deconvolve, "info": _info, "demo": _demo, "bench": _bench}
+def _sweep(args) -> int:
+    from .sweep import run
+
+    return run(args)
+
+
+_COMMANDS = {
+    "deconvolve": _deconvolve,
+    "psf": _psf,
+    "sweep": _sweep,
+    "info": _info,
+    "demo": _demo,
+    "bench": _bench,
+}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
