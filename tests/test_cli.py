@@ -428,3 +428,20 @@ def test_cli_says_why_the_gpu_is_not_used(observed, tmp_path, capsys, monkeypatc
     )
     assert code == 0
     assert "using the NumPy (CPU) backend" in err
+
+
+def test_sweep_is_a_command(tmp_path, capsys):
+    """`gpudeconv sweep`, wired into the command: a planet (no stars), a contact sheet out."""
+    from test_limb import synthetic_planet
+
+    planet = tmp_path / "planet.fits"
+    fits.PrimaryHDU(synthetic_planet(fwhm=3.0).astype(np.float32)).writeto(planet)
+    sheet = tmp_path / "sheet.png"
+    code, out, err = run(
+        ["sweep", planet, "-o", sheet, "--psf-fwhm", "2,3", "--iterations", "3"], capsys
+    )
+    assert code == 0, err
+    assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "FWHM 2" in out and "FWHM 3" in out
+    code, _, err = run(["sweep", planet, "-o", sheet, "--psf-fwhm", "1:2"], capsys)
+    assert_one_line_error(code, err, "start:stop:step")
