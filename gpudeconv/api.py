@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from ._errors import GpudeconvError
 from .backend import Backend
 from .restore import richardson_lucy
@@ -38,8 +40,10 @@ def deconvolve(
         Richardson-Lucy.
     iterations : int
     backend : {'auto', 'numpy', 'cupy'} or Backend, optional
-    tile : None
-        The whole image is restored in memory; tile streaming is not available in this version.
+    tile : int, optional
+        Restore in tiles of this side (plus halos; `gpudeconv.tiles`). A path or a
+        ``numpy.memmap`` always streams, with tiles planned from the free memory unless given;
+        an in-memory array without ``tile`` is restored whole.
     psf_grid : (ny, nx) tuple of int, optional
         With ``psf=None``: estimate a `PSFField` on this grid of nodes instead of one PSF.
     **options
@@ -53,21 +57,37 @@ def deconvolve(
     if method not in METHODS:
         msg = f"method must be one of {', '.join(METHODS)}, got {method!r}"
         raise GpudeconvError(msg)
-    if tile is not None:
-        msg = "tile streaming is not available in this version; leave tile unset (None)"
-        raise GpudeconvError(msg)
     if psf is not None and psf_grid is not None:
         msg = (
             "psf_grid sets the grid of a PSF field estimated from the stars (psf=None); drop it "
             "when giving psf="
         )
         raise GpudeconvError(msg)
-    if isinstance(image, (str, os.PathLike)):
-        from .io import read_image
-
-        image, _ = read_image(image)
+    streams = tile is not None or isinstance(image, (str, os.PathLike, np.memmap))
+    if streams and set(options) - {"progress"}:
+        msg = (
+            f"{', '.join(sorted(set(options) - {'progress'}))} cannot be used when restoring in "
+            "tiles (a path, a memory map or tile=); pass an in-memory array without tile="
+        )
+        raise GpudeconvError(msg)
     if psf is None:
         from .psf.estimate import estimate_psf
 
-        psf = estimate_psf(image, grid=psf_grid)
+        source = image
+        if isinstance(image, (str, os.PathLike)):
+            from .io import read_image
+
+            source, _ = read_image(image)  # the estimate needs the stars of the whole frame
+        psf = estimate_psf(source, grid=psf_grid)
+    if streams:
+        from .tiles import deconvolve_tiled
+
+        return deconvolve_tiled(
+            image,
+            psf,
+            iterations,
+            backend=backend,
+            tile=tile,
+            progress=bool(options.get("progress", False)),
+        )
     return richardson_lucy(image, psf, iterations, backend=backend, **options)

@@ -118,6 +118,28 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", default=None, metavar="{auto,numpy,cupy}")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    tiles = run.add_argument_group(
+        "mosaics", "restore in tiles streamed from and to the files (FITS or TIFF output)"
+    )
+    tiles.add_argument(
+        "--tile",
+        type=_positive_int,
+        metavar="N",
+        help="tiles of N x N pixels plus halos (default: planned from free memory; large "
+        "images stream on their own)",
+    )
+    tiles.add_argument(
+        "--resume", action="store_true", help="continue an interrupted tiled run into OUT"
+    )
+    tiles.add_argument(
+        "--dask", metavar="ADDRESS", help="run the tiles on a Dask scheduler (tcp://host:8786)"
+    )
+    tiles.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="run the tiles on a local Dask cluster of N worker processes",
+    )
 
     psf = commands.add_parser(
         "psf",
@@ -264,32 +286,50 @@ def _validate_psf_options(args) -> None:
 
 def _deconvolve(args) -> int:
     from .backend import get_backend
-    from .io import provenance_header, read_image, write_image
+    from .io import open_tile_reader, provenance_header, read_image, write_image
     from .restore import richardson_lucy
 
     input_path, output_path = Path(args.input), Path(args.output)
     _validate_psf_options(args)
+    _validate_tile_options(args)
     auto = args.psf == "auto"
     backend = get_backend(args.backend)
     _check_output(input_path, output_path, args.overwrite)
     psf_path = _beside(output_path, "_psf.fits") if auto else None
     if psf_path is not None:
         _check_output(input_path, psf_path, args.overwrite)
-    image, header = read_image(input_path)
-    channels = image.shape[0] if image.ndim == 3 else None
+    # The shape, without reading the pixels: a mosaic may not fit in memory.
+    shape = open_tile_reader(input_path).shape
+    channels = shape[0] if len(shape) == 3 else None
     estimate = None
     if auto:
+        image, _ = read_image(input_path)  # the estimate needs the stars of the whole frame
         estimate = _fit_psf(image, grid=args.psf_grid, model=args.psf_model or "moffat")
+        del image
         kernel = estimate.psf
         psf_text = f"{_estimate_text(estimate)}; saved as {psf_path.name}"
         if not args.quiet:
             print("\n".join(_report_lines(_psf_report(estimate))))
     elif args.psf is not None:
-        kernel, psf_text = _file_psf(args.psf, channels, image.shape[-2:])
+        kernel, psf_text = _file_psf(args.psf, channels, shape[-2:])
     else:
         kernel, psf_text = _model_psf(args)
-    out_dtype = _output_dtype(output_path, image.dtype, backend.float_dtype(image.dtype))
 
+    if _streams(args, shape, kernel, backend):
+        report = _deconvolve_tiled(args, input_path, output_path, kernel, psf_text, backend)
+        if estimate is not None:
+            _save_psf(estimate, psf_path, input_path, overwrite=args.overwrite)
+        if not args.quiet:
+            print(
+                f"gpudeconv: wrote {output_path} ({report.tiles_done} of {report.tiles_total} "
+                f"tiles of {report.tile} + halo {report.halo}, {args.iterations} iterations on "
+                f"{report.backend}, {report.seconds:.1f} s, {report.mpix_it_per_s:.1f} MPix*it/s)",
+                file=sys.stderr,
+            )
+        return 0
+
+    image, header = read_image(input_path)
+    out_dtype = _output_dtype(output_path, image.dtype, backend.float_dtype(image.dtype))
     start = time.perf_counter()
     restored = richardson_lucy(
         image, kernel, args.iterations, backend=backend, progress=not args.quiet
@@ -312,6 +352,62 @@ def _deconvolve(args) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _validate_tile_options(args) -> None:
+    if args.dask is not None and args.workers is not None:
+        msg = "--dask ADDRESS uses an existing cluster, --workers N starts one: give one of them"
+        raise GpudeconvError(msg)
+    if args.resume and (args.dask is not None or args.workers is not None):
+        msg = "--resume continues a run on this machine; a Dask run cannot resume: drop --resume"
+        raise GpudeconvError(msg)
+
+
+def _streams(args, shape, kernel, backend) -> bool:
+    """Whether to restore in tiles: asked for, or the image does not fit the memory budget."""
+    if args.tile or args.resume or args.dask is not None or args.workers is not None:
+        return True
+    from .psf import PSFField
+    from .tiles import plan_tiles
+
+    size = kernel.size if isinstance(kernel, PSFField) else np.shape(kernel)[-1]
+    channels = shape[0] if len(shape) == 3 else 1
+    plan = plan_tiles(
+        shape[-2:], psf_size=size, iterations=args.iterations, backend=backend, channels=channels
+    )
+    return len(plan.tiles) > 1
+
+
+def _deconvolve_tiled(args, input_path, output_path, kernel, psf_text, backend):
+    if args.dask is not None or args.workers is not None:
+        from .dask import run_on_cluster
+
+        return run_on_cluster(
+            input_path,
+            output_path,
+            kernel,
+            args.iterations,
+            address=args.dask,
+            workers=args.workers,
+            backend=backend.name,
+            tile=args.tile,
+            overwrite=args.overwrite,
+            psf_description=psf_text,
+        )
+    from .tiles import deconvolve_file
+
+    return deconvolve_file(
+        input_path,
+        output_path,
+        kernel,
+        args.iterations,
+        backend=backend,
+        tile=args.tile,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        psf_description=psf_text,
+    )
 
 
 # ---------------------------------------------------------------------------- psf

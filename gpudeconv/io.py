@@ -38,6 +38,8 @@ from PIL import Image, ImageOps, PngImagePlugin
 from ._errors import GpudeconvError, GpudeconvWarning
 from ._version import __version__
 
+# The tile-by-tile readers and writers at the end of this module serve gpudeconv.tiles and
+# gpudeconv.dask; they are importable from here but not part of the package's namespace.
 __all__ = [
     "SUPPORTED_EXTENSIONS",
     "check_output_path",
@@ -513,29 +515,33 @@ def _unreadable(path: Path, fmt: str, exc: BaseException) -> GpudeconvError:
 
 
 def _read_fits(path: Path) -> tuple[np.ndarray, fits.Header, list[str]]:
-    data = header = None
     try:
         # memmap=None, not True: True makes astropy refuse any image with BZERO/BSCALE/BLANK
         # ("Cannot load a memory-mapped image"), i.e. every uint16 FITS; None memory-maps
         # unscaled data and reads scaled data into memory.
         with fits.open(path, mode="readonly", memmap=None) as hdul:
-            hdu_names = [f"{type(hdu).__name__} {hdu.name!r}" for hdu in hdul]
-            for hdu in hdul:
-                if _holds_image(hdu):
-                    # Copy out of the memmap so the file can close; native byte order.
-                    stored = hdu.data
-                    data = np.array(stored, dtype=stored.dtype.newbyteorder("="), copy=True)
-                    header = hdu.header.copy()
-                    break
+            hdu = _image_hdu(hdul, path)
+            # Copy out of the memmap so the file can close; native byte order.
+            stored = hdu.data
+            data = np.array(stored, dtype=stored.dtype.newbyteorder("="), copy=True)
+            header = hdu.header.copy()
+    except GpudeconvError:
+        raise
     except _FITS_ERRORS as exc:
         raise _unreadable(path, "FITS", exc) from exc
-    if data is None:
-        msg = (
-            f"{path} holds no image data (HDUs: {', '.join(hdu_names)}): give a FITS file "
-            "with an image"
-        )
-        raise GpudeconvError(msg)
     return data, header, []
+
+
+def _image_hdu(hdul, path: Path):
+    """The first HDU of ``hdul`` holding image data; one line if there is none."""
+    for hdu in hdul:
+        if _holds_image(hdu):
+            return hdu
+    hdu_names = [f"{type(hdu).__name__} {hdu.name!r}" for hdu in hdul]
+    msg = (
+        f"{path} holds no image data (HDUs: {', '.join(hdu_names)}): give a FITS file with an image"
+    )
+    raise GpudeconvError(msg)
 
 
 def _holds_image(hdu) -> bool:
@@ -549,22 +555,10 @@ def _holds_image(hdu) -> bool:
 def _read_tiff(path: Path) -> tuple[np.ndarray, fits.Header, list[str]]:
     try:
         with tifffile.TiffFile(path) as tif:
-            if not tif.series:
-                msg = f"{path} holds no image: give a TIFF file with an image"
-                raise GpudeconvError(msg)
-            series = tif.series[0]
+            series, shape, axes = _tiff_series(tif, path)
             page = series.keyframe
-            shape, axes = _tiff_layout(series, path)
-            if page.bitspersample == 1:
-                raise _one_bit(path)
-            photometric = page.photometric
-            if photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB):
-                msg = (
-                    f"{path} is a {photometric.name} TIFF, which is not supported: save it as "
-                    "greyscale or RGB"
-                )
-                raise GpudeconvError(msg)
             data = series.asarray().reshape(shape)
+            photometric = page.photometric
             extrasamples = tuple(page.extrasamples)
             bits = page.bitspersample
     except GpudeconvError:
@@ -577,6 +571,27 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, fits.Header, list[str]]:
     if "S" in axes:
         data = _drop_extra_samples(data, photometric, extrasamples, path, notes)
     return data, _origin_header("TIFF", bits), notes
+
+
+def _tiff_series(tif, path: Path):
+    """The first series of ``tif``, its shape and axes without length-1 axes other than Y and
+    X; one line for what cannot be read (no image, 1-bit, a palette or CMYK TIFF, a stack)."""
+    if not tif.series:
+        msg = f"{path} holds no image: give a TIFF file with an image"
+        raise GpudeconvError(msg)
+    series = tif.series[0]
+    page = series.keyframe
+    shape, axes = _tiff_layout(series, path)
+    if page.bitspersample == 1:
+        raise _one_bit(path)
+    photometric = page.photometric
+    if photometric not in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB):
+        msg = (
+            f"{path} is a {photometric.name} TIFF, which is not supported: save it as "
+            "greyscale or RGB"
+        )
+        raise GpudeconvError(msg)
+    return series, shape, axes
 
 
 def _tiff_layout(series, path: Path) -> tuple[tuple[int, ...], str]:
@@ -595,15 +610,20 @@ def _tiff_layout(series, path: Path) -> tuple[tuple[int, ...], str]:
 
 def _drop_extra_samples(data, photometric, extrasamples, path: Path, notes) -> np.ndarray:
     """Keep the colour samples of a channel-first TIFF; drop alpha with a warning."""
-    if photometric == tifffile.PHOTOMETRIC.RGB:
-        keep = [0, 1, 2]
-    else:
-        # Unspecified extra samples of a greyscale image are data channels (tifffile writes a
-        # planar (C, H, W) array that way); only samples flagged as alpha go.
-        n_grey = data.shape[0] - len(extrasamples)
-        keep = list(range(n_grey))
-        keep += [n_grey + i for i, kind in enumerate(extrasamples) if kind not in _TIFF_ALPHA]
+    keep = _tiff_colour_samples(data.shape[0], photometric, extrasamples)
     return _keep_channels(data, keep, path, notes)
+
+
+def _tiff_colour_samples(samples: int, photometric, extrasamples) -> list[int]:
+    """Indices of the samples of a TIFF pixel that are colour, not alpha."""
+    if photometric == tifffile.PHOTOMETRIC.RGB:
+        return [0, 1, 2]
+    # Unspecified extra samples of a greyscale image are data channels (tifffile writes a
+    # planar (C, H, W) array that way); only samples flagged as alpha go.
+    n_grey = samples - len(extrasamples)
+    keep = list(range(n_grey))
+    keep += [n_grey + i for i, kind in enumerate(extrasamples) if kind not in _TIFF_ALPHA]
+    return keep
 
 
 def _keep_channels(data: np.ndarray, keep: list[int], path: Path, notes: list[str]) -> np.ndarray:
@@ -824,3 +844,626 @@ def _write_pillow(tmp: Path, image: np.ndarray, header: fits.Header | None, fmt:
 def _printable_ascii(text: str) -> str:
     text = " ".join(text.splitlines())
     return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+# --- tile by tile: windows of images larger than memory ----------------------------------------
+#
+# The streaming driver (gpudeconv/tiles.py) reads each tile's window from the input and writes
+# each tile's core into the output, so that the process never holds the whole mosaic. Resident
+# memory counts the file-backed pages of a memory map too (ARCHITECTURE.md, "Tiles and
+# streams"): FITS is read through astropy's ``hdu.section`` from a file opened without a memory
+# map, TIFF through a memory map opened for one window and dropped after it (or zarr for
+# compressed and tiled TIFF), and outputs are written with ``os.pwrite``, which leaves nothing
+# mapped.
+
+#: Formats a streamed output can be written in: an uncompressed data block written in place.
+TILE_OUTPUT_FORMATS = ("FITS", "TIFF")
+
+
+def _read_into(fd: int, buffer: np.ndarray, position: int) -> int:
+    """Read ``buffer``'s bytes from ``position`` of ``fd``; the bytes read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buffer], position)
+    os.lseek(fd, position, os.SEEK_SET)  # Windows: no positioned reads (one reader per fd)
+    data = os.read(fd, buffer.nbytes)
+    memoryview(buffer).cast("B")[: len(data)] = data
+    return len(data)
+
+
+def _write_at(fd: int, data: memoryview, position: int) -> int:
+    """Write ``data`` at ``position`` of ``fd``; the bytes written."""
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, position)
+    os.lseek(fd, position, os.SEEK_SET)  # Windows: no positioned writes (one writer per fd)
+    return os.write(fd, data)
+
+
+class TileReader:
+    """Windows of an image, read without reading the rest of it.
+
+    Attributes
+    ----------
+    path : pathlib.Path or None
+        The file read (None for an array).
+    shape : (H, W) or (C, H, W) tuple of int
+        The image's shape, as `read_image` would return it.
+    dtype : numpy.dtype
+        The stored (physical) dtype, native byte order.
+    header : astropy.io.fits.Header
+        As `read_image` returns it.
+
+    Readers pickle by path (for Dask workers) and can be indexed like an array of ``shape``
+    (``reader[..., y0:y1, x0:x1]``), which is what ``dask.array.from_array`` asks of them.
+    """
+
+    path: Path | None = None
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    header: fits.Header
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def channels(self) -> int:
+        """C, the number of channels (1 for a grey image)."""
+        return self.shape[0] if len(self.shape) == 3 else 1
+
+    def read(self, window) -> np.ndarray:
+        """Rows ``y0:y1`` and columns ``x0:x1`` of every channel, ``window = (y0, y1, x0, x1)``:
+        a new ``(C, y1 - y0, x1 - x0)`` array in native byte order and the stored dtype."""
+        y0, y1, x0, x1 = (int(v) for v in window)
+        return self._read(y0, y1, x0, x1)
+
+    def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if any(not isinstance(k, slice) for k in key) or len(key) > self.ndim:
+            msg = f"tile readers take slices over the {self.ndim} axes, got {key!r}"
+            raise TypeError(msg)
+        key = (slice(None),) * (self.ndim - len(key)) + key
+        block = self.read(_window_of(key, self.shape))
+        return block[key[0]] if self.ndim == 3 else block[0]
+
+    def close(self) -> None:  # noqa: B027  (readers without an open file have nothing to close)
+        """Release the file (reading again reopens it)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for name in self._unpicklable:
+            state[name] = None
+        return state
+
+    _unpicklable: tuple[str, ...] = ()
+
+
+def _window_of(key: tuple, shape) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)`` of the slices ``key`` over the last two axes of ``shape``."""
+    rows = key[-2].indices(shape[-2])
+    cols = key[-1].indices(shape[-1])
+    if rows[2] != 1 or cols[2] != 1:
+        msg = f"tile windows take unit steps, got {key!r}"
+        raise TypeError(msg)
+    return rows[0], rows[1], cols[0], cols[1]
+
+
+def open_tile_reader(path: str | os.PathLike) -> TileReader:
+    """A :class:`TileReader` for a FITS, TIFF, PNG or JPEG file.
+
+    FITS images (uncompressed, tile-compressed or with BZERO/BSCALE) are read through astropy's
+    ``hdu.section`` with no memory map; uncompressed TIFF through a memory map of one window at a
+    time; compressed or tiled TIFF through zarr (``tifffile.imread(aszarr=True)``) where it is
+    installed. PNG and JPEG cannot be read in parts: they are read whole (they are never mosaics
+    of gigapixels).
+
+    Raises
+    ------
+    GpudeconvError
+        As `read_image` for a missing, unsupported or unreadable file; and for a compressed
+        or tiled TIFF without zarr.
+    """
+    path = _validate_input_path(path)
+    fmt = _validate_extension(path)
+    if fmt == "FITS":
+        return FitsTileReader(path)
+    if fmt == "TIFF":
+        return TiffTileReader(path)
+    data, header = read_image(path)
+    reader = ArrayTileReader(data, header)
+    reader.path = path
+    return reader
+
+
+def _validate_tile_shape(shape: tuple[int, ...], path) -> tuple[int, ...]:
+    """``shape`` without leading length-1 axes, checked as `read_image` checks an image."""
+    while len(shape) > 2 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) not in (2, 3):
+        msg = (
+            f"{path} holds a {len(shape)}-D array of shape {shape}: expected a 2-D (H, W) "
+            "image or a 3-D (C, H, W) colour cube"
+        )
+        raise GpudeconvError(msg)
+    if min(shape[-2:]) < 2:
+        msg = (
+            f"{path} is {shape[-2]}x{shape[-1]} pixels: an image needs at least 2 pixels on "
+            "each side"
+        )
+        raise GpudeconvError(msg)
+    return tuple(int(n) for n in shape)
+
+
+def _validate_tile_dtype(dtype: np.dtype, path) -> np.dtype:
+    if dtype.kind == "c":
+        msg = (
+            f"{path} holds complex data ({dtype}); deconvolution needs real intensities: "
+            "store the real image"
+        )
+        raise GpudeconvError(msg)
+    if dtype.kind not in "uif":
+        msg = f"{path} holds non-numeric data ({dtype}): give a greyscale or colour image"
+        raise GpudeconvError(msg)
+    return dtype.newbyteorder("=")
+
+
+class ArrayTileReader(TileReader):
+    """Windows of an in-memory (or memory-mapped) ``(H, W)`` or ``(C, H, W)`` array."""
+
+    def __init__(self, array, header: fits.Header | None = None):
+        self._array = array
+        self.shape = _validate_tile_shape(tuple(array.shape), "the image")
+        self.dtype = _validate_tile_dtype(np.dtype(array.dtype), "the image")
+        self.header = fits.Header() if header is None else header
+        self._planes = np.reshape(array, (-1, *self.shape[-2:]))
+
+    def _read(self, y0, y1, x0, x1):
+        window = self._planes[:, y0:y1, x0:x1]
+        return np.array(window, dtype=self.dtype, copy=True)
+
+
+#: FITS BITPIX -> the stored (big-endian) dtype
+_FITS_BITPIX = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+
+class FitsTileReader(TileReader):
+    """Windows of the first image HDU of a FITS file.
+
+    Stored values that are the physical ones (no BZERO, BSCALE or BLANK) of an uncompressed
+    file are read with one ``os.preadv`` per row of the window, straight into the array
+    returned: nothing is mapped, so no page of the mosaic stays resident (a memory map of the
+    window, dropped after it, peaked 30 MB higher on a 12000-pixel-wide mosaic: the kernel maps
+    64 KB around each page touched). Anything else (scaled integers, tile-compressed HDUs,
+    ``.gz`` files) goes through astropy's ``hdu.section`` on a file opened with
+    ``memmap=False``, which applies the scaling and reads row by row through Python (10x
+    slower). With astropy's own memory map the pages read would stay resident while the file
+    is open: 300 MB after reading every window of a 256 MB image, against 70 MB without.
+    """
+
+    _unpicklable = ("_hdul", "_hdu", "_fd")
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._hdul = self._hdu = self._fd = None
+        hdu = self._open()
+        header = hdu.header
+        full = tuple(int(header[f"NAXIS{i}"]) for i in range(int(header["NAXIS"]), 0, -1))
+        self.shape = _validate_tile_shape(full, self.path)
+        self._lead = (0,) * (len(full) - len(self.shape))
+        self.header = header.copy()
+        try:
+            # a 1x1 window: an index of integers alone gives a Python scalar, not the dtype
+            probe = np.asarray(hdu.section[(0,) * (len(full) - 2) + (slice(0, 1),) * 2])
+        except _FITS_ERRORS as exc:
+            raise _unreadable(self.path, "FITS", exc) from exc
+        self.dtype = _validate_tile_dtype(probe.dtype, self.path)
+        self._full_shape = full
+        self._raw = None  # (offset, stored dtype) where the stored values are the physical ones
+        stored = _FITS_BITPIX.get(int(header["BITPIX"]))
+        scaled = any(key in header for key in ("BZERO", "BSCALE", "BLANK")) and (
+            header.get("BZERO", 0) != 0 or header.get("BSCALE", 1) != 1 or header["BITPIX"] > 0
+        )
+        compressed = isinstance(hdu, fits.CompImageHDU) or not isinstance(
+            hdu, (fits.PrimaryHDU, fits.ImageHDU)
+        )
+        if stored and not scaled and not compressed and self._hdul._file.compression is None:
+            self._raw = (int(hdu.fileinfo()["datLoc"]), np.dtype(stored))
+            self.close()
+
+    def _open(self):
+        if self._hdu is None:
+            try:
+                self._hdul = fits.open(self.path, mode="readonly", memmap=False)
+                self._hdu = _image_hdu(self._hdul, self.path)
+            except GpudeconvError:
+                self.close()
+                raise
+            except _FITS_ERRORS as exc:
+                self.close()
+                raise _unreadable(self.path, "FITS", exc) from exc
+        return self._hdu
+
+    def _read(self, y0, y1, x0, x1):
+        key = (*self._lead, *((slice(None),) if len(self.shape) == 3 else ()))
+        key = (*key, slice(y0, y1), slice(x0, x1))
+        try:
+            if self._raw is not None:
+                window = self._read_raw(y0, y1, x0, x1)
+            else:
+                window = np.asarray(self._open().section[key])
+                window = np.array(window, dtype=self.dtype, copy=True)
+        except _FITS_ERRORS as exc:
+            raise _unreadable(self.path, "FITS", exc) from exc
+        return window if window.ndim == 3 else window[None]
+
+    def _read_raw(self, y0, y1, x0, x1) -> np.ndarray:
+        offset, stored = self._raw
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        height, width = self._full_shape[-2:]
+        planes = int(np.prod(self._full_shape[:-2], dtype=np.int64))
+        window = np.empty((planes, y1 - y0, x1 - x0), dtype=stored)
+        item = stored.itemsize
+        row_bytes = (x1 - x0) * item
+        for plane in range(planes):
+            for y in range(y0, y1):
+                row = window[plane, y - y0]
+                position = offset + ((plane * height + y) * width + x0) * item
+                if _read_into(self._fd, row, position) != row_bytes:
+                    msg = f"the data of {self.path} end early (row {y}): the file is truncated"
+                    raise OSError(msg)
+        return window.astype(self.dtype)  # to native byte order
+
+    def close(self) -> None:
+        if self._hdul is not None:
+            self._hdul.close()
+        if self._fd is not None:
+            os.close(self._fd)
+        self._hdul = self._hdu = self._fd = None
+
+
+class TiffTileReader(TileReader):
+    """Windows of the first image of a TIFF file.
+
+    Uncompressed, contiguous data is read through ``tifffile.memmap`` opened for one window and
+    dropped after it, so that no page of the mosaic stays resident. Compressed or tiled data
+    needs zarr (``tifffile.imread(aszarr=True)`` decodes only the strips or tiles a window
+    touches); without it the reader refuses in one line.
+    """
+
+    _unpicklable = ("_zarr", "_store")
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._zarr = self._store = None
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                series, shape, axes = _tiff_series(tif, self.path)
+                page = series.keyframe
+                keep = None
+                if "S" in axes:
+                    samples = shape[axes.index("S")]
+                    keep = _tiff_colour_samples(samples, page.photometric, page.extrasamples)
+                    if len(keep) < samples:
+                        warnings.warn(
+                            f"{self.path}: dropped {samples - len(keep)} alpha channel(s); "
+                            "deconvolving transparency makes no sense",
+                            GpudeconvWarning,
+                            stacklevel=3,
+                        )
+                self._series_axes = series.axes
+                self._series_shape = tuple(series.shape)
+                self._mappable = series.dataoffset is not None
+                dtype = np.dtype(series.dtype)
+                bits = page.bitspersample
+        except GpudeconvError:
+            raise
+        except _TIFF_ERRORS as exc:
+            raise _unreadable(self.path, "TIFF", exc) from exc
+        self._axes = axes
+        self._keep = keep
+        height, width = shape[axes.index("Y")], shape[axes.index("X")]
+        channels = len(keep) if keep is not None else (shape[0] if len(shape) == 3 else 1)
+        image_shape = (channels, height, width) if channels > 1 else (height, width)
+        self.shape = _validate_tile_shape(image_shape, self.path)
+        self.dtype = _validate_tile_dtype(dtype, self.path)
+        self.header = _origin_header("TIFF", bits)
+        if not self._mappable:
+            try:
+                import zarr  # noqa: F401
+            except ImportError:
+                msg = (
+                    f"{self.path} is a compressed or tiled TIFF, which cannot be read tile by "
+                    "tile without zarr: pip install zarr, or convert it to FITS or uncompressed "
+                    "TIFF"
+                )
+                raise GpudeconvError(msg) from None
+
+    def _key(self, y0, y1, x0, x1) -> tuple:
+        """Index of the window in the series' own axes (length-1 axes other than Y, X: 0)."""
+        key = []
+        for axis, length in zip(self._series_axes, self._series_shape, strict=True):
+            if axis == "Y":
+                key.append(slice(y0, y1))
+            elif axis == "X":
+                key.append(slice(x0, x1))
+            else:
+                key.append(slice(None) if length > 1 else 0)
+        return tuple(key)
+
+    def _read(self, y0, y1, x0, x1):
+        key = self._key(y0, y1, x0, x1)
+        try:
+            if self._mappable:
+                mapped = tifffile.memmap(self.path, mode="r", series=0)
+                window = np.array(mapped[key], copy=True)
+                del mapped  # unmapped now: none of its pages stay resident
+            else:
+                window = np.asarray(self._open_zarr()[key])
+        except _TIFF_ERRORS as exc:
+            raise _unreadable(self.path, "TIFF", exc) from exc
+        if self._axes == "YXS":
+            window = np.moveaxis(window, -1, 0)
+        if self._keep is not None:
+            window = window[self._keep]
+        window = np.array(window, dtype=self.dtype, copy=True)
+        return window if window.ndim == 3 else window[None]
+
+    def _open_zarr(self):
+        if self._zarr is None:
+            import zarr
+
+            self._store = tifffile.imread(self.path, aszarr=True, series=0, level=0)
+            self._zarr = zarr.open(self._store, mode="r")
+        return self._zarr
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        self._zarr = self._store = None
+
+
+class TileWriter:
+    """Writes windows of a ``(C, H, W)`` image into the data block of a file made by
+    :func:`create_tile_output`, in place, with ``os.pwrite`` (nothing is memory-mapped).
+
+    Parameters
+    ----------
+    path : path-like
+        The file; it exists and has its data block at ``offset``.
+    offset : int
+        Byte offset of the data block.
+    shape : (H, W) or (C, H, W) tuple of int
+    dtype : numpy.dtype
+        Stored dtype, with its byte order (``'>f4'`` in FITS).
+    layout : {'planar', 'interleaved'}
+        Channel after channel (FITS, planar TIFF), or channels interleaved in each pixel
+        (RGB TIFF).
+    """
+
+    def __init__(self, path, *, offset: int, shape, dtype, layout: str = "planar"):
+        if layout not in ("planar", "interleaved"):
+            msg = f"layout must be 'planar' or 'interleaved', got {layout!r}"
+            raise ValueError(msg)
+        self.path = Path(path)
+        self.offset = int(offset)
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self.layout = layout
+        self._fd = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of the data block."""
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def describe(self) -> dict:
+        """What reopens this writer: ``TileWriter(path, **writer.describe())``."""
+        return {
+            "offset": self.offset,
+            "shape": list(self.shape),
+            "dtype": self.dtype.str,
+            "layout": self.layout,
+        }
+
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+        return self._fd
+
+    def write(self, window, block) -> None:
+        """Write ``block``, ``(C, y1 - y0, x1 - x0)`` (or 2-D for one channel), at
+        ``window = (y0, y1, x0, x1)`` of every channel."""
+        y0, y1, x0, x1 = (int(v) for v in window)
+        block = np.asarray(block)
+        channels = self.shape[0] if self.ndim == 3 else 1
+        height, width = self.shape[-2:]
+        block = block.reshape(channels, y1 - y0, x1 - x0)
+        item = self.dtype.itemsize
+        fd = self._descriptor()
+        if self.layout == "interleaved":
+            rows = np.ascontiguousarray(np.moveaxis(block, 0, -1), dtype=self.dtype)
+            runs = [((y * width + x0) * channels * item, rows[y - y0]) for y in range(y0, y1)]
+        else:
+            planes = np.ascontiguousarray(block, dtype=self.dtype)
+            runs = []
+            for c in range(channels):
+                if x0 == 0 and x1 == width:  # whole rows: one contiguous run per channel
+                    runs.append((((c * height + y0) * width) * item, planes[c]))
+                    continue
+                for y in range(y0, y1):
+                    runs.append((((c * height + y) * width + x0) * item, planes[c, y - y0]))
+        for position, values in runs:
+            data = memoryview(values).cast("B")
+            written = 0
+            while written < len(data):
+                written += _write_at(fd, data[written:], self.offset + position + written)
+
+    def __setitem__(self, key, value) -> None:
+        # what dask.array.store asks of a target
+        key = key if isinstance(key, tuple) else (key,)
+        key = (slice(None),) * (self.ndim - len(key)) + key
+        if self.ndim == 3 and key[0].indices(self.shape[0]) != (0, self.shape[0], 1):
+            msg = "a TileWriter writes every channel of a window at once"
+            raise ValueError(msg)
+        # one descriptor per call: Dask workers write through pickled copies of the writer
+        try:
+            self.write(_window_of(key, self.shape), value)
+            self.sync()
+        finally:
+            self.close()
+
+    def sync(self) -> None:
+        """Make what was written durable (``fsync``)."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fd"] = None
+        return state
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ArrayTileWriter:
+    """Writes windows into an ``(H, W)`` or ``(C, H, W)`` array (in memory, or a
+    ``numpy.memmap``, flushed by `sync`): the in-memory twin of :class:`TileWriter`."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.shape = tuple(array.shape)
+        self._planes = array.reshape(-1, *self.shape[-2:])  # a view: C-contiguous arrays only
+
+    def write(self, window, block) -> None:
+        y0, y1, x0, x1 = (int(v) for v in window)
+        self._planes[:, y0:y1, x0:x1] = np.reshape(block, (-1, y1 - y0, x1 - x0))
+
+    def sync(self) -> None:
+        if isinstance(self.array, np.memmap):
+            self.array.flush()
+
+    def close(self) -> None:
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def tile_output_format(path: str | os.PathLike) -> str:
+    """The format of a streamed output path: 'FITS' or 'TIFF' (uncompressed); one line for
+    anything else."""
+    path = Path(path)
+    fmt = _validate_extension(path)
+    if fmt not in TILE_OUTPUT_FORMATS or path.name.lower().endswith(".gz"):
+        msg = (
+            f"a tile-by-tile output is written in place, which {path.name} (compressed or "
+            f"{fmt}) does not allow: write .fits or .tif, then convert"
+        )
+        raise GpudeconvError(msg)
+    return fmt
+
+
+def create_tile_output(
+    path: str | os.PathLike,
+    shape,
+    dtype,
+    header: fits.Header | None = None,
+    *,
+    fmt: str,
+) -> TileWriter:
+    """Create ``path`` as an image file of ``shape`` and float ``dtype`` whose data block is not
+    yet written (a sparse file: no pixel is written here), and return its :class:`TileWriter`.
+
+    Parameters
+    ----------
+    path : path-like
+        The file to create (a temporary name: the caller renames it when every tile is in).
+    shape : (H, W) or (C, H, W) tuple of int
+    dtype : {float32, float64}
+    header : astropy.io.fits.Header, optional
+        FITS: the cards, less the structural ones, as `write_image` writes them. TIFF: its
+        HISTORY as ImageDescription.
+    fmt : {'FITS', 'TIFF'}
+
+    Notes
+    -----
+    FITS: the header (``BITPIX`` -32 or -64, ``NAXISn`` of ``shape``) then a big-endian data
+    block padded to 2880 bytes, which the file system leaves unallocated until written. TIFF:
+    ``tifffile.memmap`` writes the tags and reserves contiguous data (RGB interleaved, other
+    channel counts planar, as `write_image` stores them); the map it returns is dropped at once.
+    """
+    path = Path(path)
+    shape = tuple(int(n) for n in shape)
+    dtype = np.dtype(dtype).newbyteorder("=")
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        msg = f"a streamed output is float32 or float64, got {dtype}"
+        raise GpudeconvError(msg)
+    try:
+        if fmt == "FITS":
+            head = _fits_header_bytes(header, shape, dtype, path)
+            data_bytes = int(np.prod(shape)) * dtype.itemsize
+            with open(path, "wb") as file:
+                file.write(head)
+                file.truncate(len(head) + -(-data_bytes // 2880) * 2880)
+            return TileWriter(path, offset=len(head), shape=shape, dtype=dtype.newbyteorder(">"))
+        colour = len(shape) == 3
+        rgb = colour and shape[0] == 3
+        mapped = tifffile.memmap(
+            path,
+            shape=(*shape[1:], 3) if rgb else shape,
+            dtype=dtype,
+            photometric="rgb" if rgb else "minisblack",
+            planarconfig=("contig" if rgb else "separate") if colour else None,
+            description=_history_text(header) or None,
+            metadata=None,
+            software=f"gpudeconv {__version__}",
+        )
+        offset, stored = int(mapped.offset), mapped.dtype
+        del mapped
+        layout = "interleaved" if rgb else "planar"
+        return TileWriter(path, offset=offset, shape=shape, dtype=stored, layout=layout)
+    except OSError as exc:
+        reason = " ".join(str(exc).split())
+        msg = f"could not create {path} ({reason}): check free space and permissions"
+        raise GpudeconvError(msg) from exc
+
+
+def _fits_header_bytes(header, shape, dtype: np.dtype, path: Path) -> bytes:
+    """The primary header of a FITS image of ``shape`` and float ``dtype`` with ``header``'s
+    cards, padded to 2880 bytes, as astropy would write it."""
+    hdu = fits.PrimaryHDU(data=np.zeros((1,) * len(shape), dtype=dtype), header=_data_cards(header))
+    try:
+        # 'fix' repairs what it can of a foreign header, as _write_fits does.
+        hdu.verify("fix")
+    except fits.VerifyError as exc:
+        reason = " ".join(str(exc).split())
+        msg = f"the header for {path} has cards that cannot be written ({reason}): fix them"
+        raise GpudeconvError(msg) from exc
+    for axis, length in enumerate(reversed(shape), start=1):
+        hdu.header[f"NAXIS{axis}"] = length
+    return hdu.header.tostring().encode("ascii")

@@ -445,3 +445,53 @@ def test_sweep_is_a_command(tmp_path, capsys):
     assert "FWHM 2" in out and "FWHM 3" in out
     code, _, err = run(["sweep", planet, "-o", sheet, "--psf-fwhm", "1:2"], capsys)
     assert_one_line_error(code, err, "start:stop:step")
+
+
+def test_deconvolve_in_tiles_matches_the_whole_image(observed, tmp_path, capsys):
+    whole, tiled = tmp_path / "whole.fits", tmp_path / "tiled.fits"
+    common = ["--psf-fwhm", "3", "--iterations", "8", "--quiet"]
+    code, _, err = run(["deconvolve", observed, "-o", whole, *common], capsys)
+    assert code == 0, err
+    code, _, err = run(["deconvolve", observed, "-o", tiled, "--tile", "48", *common], capsys)
+    assert code == 0, err
+    with fits.open(tiled) as hdul:
+        data, header = hdul[0].data, hdul[0].header
+    assert header["OBJECT"] == "M 42"
+    expected = fits.getdata(whole)
+    span = float(expected.max() - expected.min())
+    assert np.abs(data - expected).max() <= 1e-3 * span
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "observed.fits",
+        "tiled.fits",
+        "whole.fits",
+    ]
+
+
+def test_tile_options_that_cannot_go_together(observed, tmp_path, capsys):
+    out = tmp_path / "o.fits"
+    code, _, err = run(
+        [
+            "deconvolve",
+            observed,
+            "-o",
+            out,
+            "--psf-fwhm",
+            "3",
+            "--dask",
+            "tcp://x:1",
+            "--workers",
+            "2",
+        ],
+        capsys,
+    )
+    assert_one_line_error(code, err, "give one of them")
+    code, _, err = run(
+        ["deconvolve", observed, "-o", out, "--psf-fwhm", "3", "--workers", "2", "--resume"], capsys
+    )
+    assert_one_line_error(code, err, "cannot resume")
+    code, _, err = run(
+        ["deconvolve", observed, "-o", tmp_path / "o.png", "--psf-fwhm", "3", "--tile", "48"],
+        capsys,
+    )
+    assert code == 2 and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "o.png").exists()

@@ -9,6 +9,7 @@ methods and never imports cupy.
 from __future__ import annotations
 
 import abc
+import gc
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from .._errors import GpudeconvError
 __all__ = [
     "Backend",
     "CostRates",
+    "HostEvent",
+    "HostStream",
     "MemoryInfo",
     "NORM_FLOOR",
     "RATIO_EPS",
@@ -104,6 +107,37 @@ class CostRates:
     call: float
 
 
+class HostEvent:
+    """The CPU twin of a CUDA event: CPU work is finished when its call returns."""
+
+    done = True
+
+    def synchronize(self) -> None:
+        """Nothing to wait for."""
+
+
+class HostStream:
+    """The CPU twin of a CUDA stream (:meth:`Backend.stream`): work runs when it is called, in
+    order, so recording, waiting and synchronizing have nothing to do. ``with stream:`` makes it
+    current, as a CuPy stream does."""
+
+    def __enter__(self) -> HostStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        """Nothing is queued."""
+
+    def record(self) -> HostEvent:
+        """An event that has already happened."""
+        return HostEvent()
+
+    def wait_event(self, event) -> None:
+        """Everything recorded has already happened."""
+
+
 class Backend(abc.ABC):
     """An array backend: NumPy on the CPU or CuPy on a CUDA device."""
 
@@ -139,10 +173,56 @@ class Backend(abc.ABC):
     def synchronize(self) -> None:  # noqa: B027  (a no-op unless the backend queues work)
         """Wait for queued device work (no-op on the CPU); call before reading a clock."""
 
+    # ------------------------------------------------------------------ streaming tiles
+    # What the tile driver (gpudeconv/tiles.py) needs to overlap transfers with computation. The
+    # defaults are the CPU's: no streams, ordinary host memory, copies done when called.
+    def stream(self):
+        """A new stream to queue work on, used as ``with stream:``; it has ``record()`` (an event
+        with ``synchronize()``), ``wait_event(event)`` and ``synchronize()``. On the CPU a
+        :class:`HostStream`, whose work is done when called."""
+        return HostStream()
+
+    def pinned_empty(self, shape, dtype) -> np.ndarray:
+        """An uninitialized host (NumPy) array from which :meth:`upload` and into which
+        :meth:`download` copy asynchronously: page-locked memory on a GPU. Allocate it once per
+        tile shape and reuse it: page-locking is slow and CuPy's pinned pool rounds sizes up
+        to a power of two."""
+        return np.empty(shape, dtype=dtype)
+
+    def upload(self, host: np.ndarray, *, stream=None):
+        """A copy of the host array on this backend, queued on ``stream`` (current stream when
+        None). ``host`` may be refilled once an event recorded on ``stream`` after this call has
+        happened (at once on the CPU, where the copy is made here)."""
+        return self.xp.array(host, copy=True)
+
+    def download(self, array, out: np.ndarray, *, stream=None) -> np.ndarray:
+        """Copy ``array`` (this backend's, same shape and dtype as ``out``) into the host array
+        ``out``, queued on ``stream``: read ``out`` after an event recorded on ``stream`` after
+        this call has happened (at once on the CPU)."""
+        np.copyto(out, array)
+        return out
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        """Whether ``error`` says that this backend ran out of memory (so a smaller tile may go)."""
+        return isinstance(error, MemoryError)
+
+    def release_memory(self) -> None:
+        """Give cached memory back (pools, FFT plans) after running out of memory."""
+        gc.collect()
+
     # ------------------------------------------------------------------ FFT
     @abc.abstractmethod
     def fft_length(self, n: int) -> int:
         """A length ``>= n`` for which this backend's real FFT is fast."""
+
+    def fft_lengths(self) -> dict[int, int]:
+        """The lengths `fft_length` chose by timing in this process, ``{n: length}`` (none where
+        the choice is a fixed rule)."""
+        return {}
+
+    def pin_fft_lengths(self, lengths) -> None:  # noqa: B027  (nothing to pin by default)
+        """Make `fft_length` answer ``lengths[n]`` for each ``n`` (as another process chose
+        them), so that results are bit for bit those of that process."""
 
     def fft_shape(self, shape) -> tuple[int, ...]:
         """``fft_length`` applied to each axis of ``shape``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 
 import cupy
+import cupyx
 import cupyx.scipy.fft
 import cupyx.scipy.ndimage
 import numpy as np
@@ -115,6 +116,40 @@ class CuPyBackend(Backend):
 
     def synchronize(self) -> None:
         cupy.cuda.get_current_stream().synchronize()
+
+    # ------------------------------------------------------------------ streaming tiles
+    def stream(self):
+        # non_blocking: no implicit synchronization with the legacy default stream, so that
+        # copies on one stream overlap kernels on another (cupy-notes.md, section 5)
+        return cupy.cuda.Stream(non_blocking=True)
+
+    def pinned_empty(self, shape, dtype) -> np.ndarray:
+        return cupyx.empty_pinned(tuple(shape), dtype=dtype)
+
+    def upload(self, host: np.ndarray, *, stream=None):
+        device = cupy.empty(host.shape, dtype=host.dtype)
+        # asynchronous only from page-locked memory (pinned_empty) on a non-default stream
+        device.set(host, stream=stream)
+        return device
+
+    def download(self, array, out: np.ndarray, *, stream=None) -> np.ndarray:
+        # blocking=False: CuPy's default (True) synchronizes and would end the overlap
+        array.get(stream=stream, out=out, blocking=False)
+        return out
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        if isinstance(error, MemoryError):  # cupy.cuda.memory.OutOfMemoryError, pinned or not
+            return True
+        # a cuFFT plan whose work area could not be allocated (CUFFT_ALLOC_FAILED = 2); the
+        # cufft module is touched only here, on a machine that ran the FFT (cupy-notes.md, 1)
+        return type(error).__name__ == "CuFFTError" and getattr(error, "result", None) == 2
+
+    def release_memory(self) -> None:
+        cupy.fft.config.get_plan_cache().clear()
+        gc.collect()
+        self.synchronize()
+        cupy.get_default_memory_pool().free_all_blocks()
+        cupy.get_default_pinned_memory_pool().free_all_blocks()
 
     # ------------------------------------------------------------------ FFT
     def fft_length(self, n: int) -> int:

@@ -81,6 +81,12 @@ def _measured_fast_length(n: int) -> int:
     return best
 
 
+#: The length chosen for each measured ``n`` in this process: timed (`_measured_fast_length`), or
+#: pinned by `NumPyBackend.pin_fft_lengths` so that a resumed tiled run transforms its tiles at
+#: the lengths of the run it continues (another length rounds differently).
+_chosen_lengths: dict[int, int] = {}
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as info:
@@ -128,7 +134,17 @@ class NumPyBackend(Backend):
     def fft_length(self, n: int) -> int:
         if n < _MEASURE_FROM:
             return scipy.fft.next_fast_len(n, real=True)
-        return _measured_fast_length(n)
+        length = _chosen_lengths.get(n)
+        if length is None:
+            length = _chosen_lengths[n] = _measured_fast_length(n)
+        return length
+
+    def fft_lengths(self) -> dict[int, int]:
+        return dict(_chosen_lengths)
+
+    def pin_fft_lengths(self, lengths) -> None:
+        for n, length in dict(lengths).items():
+            _chosen_lengths[int(n)] = int(length)
 
     def rfft2(self, x, shape):
         return scipy.fft.rfft2(x, s=tuple(shape), workers=self.workers)
