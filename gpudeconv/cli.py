@@ -7,11 +7,9 @@ input is never modified and no partial output is left behind (outputs are writte
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import secrets
 import sys
 import time
 import warnings
@@ -440,7 +438,9 @@ def _psf(args) -> int:
     _save_psf(estimate, output_path, input_path, overwrite=args.overwrite)
     written.insert(0, output_path)
     if report_path is not None:
-        _write_text(report_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        from .io import write_text
+
+        write_text(report_path, json.dumps(report, indent=2, allow_nan=False) + "\n")
         written.append(report_path)
     if not args.quiet:
         print("\n".join([*_report_lines(report), diagnosis.text()]))
@@ -530,36 +530,6 @@ def _check_distinct(*paths: Path | None) -> None:
             msg = f"{seen[key]} is given for two outputs; give each output its own path"
             raise GpudeconvError(msg)
         seen[key] = path
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically: a temporary file in the same folder, renamed onto ``path``."""
-    folder = path.parent
-    for _ in range(100):
-        tmp = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            # O_EXCL: never clobber; 0o666 so the umask applies as for any new file.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        break
-    else:
-        msg = f"could not create a temporary file in {folder}: choose another output path"
-        raise GpudeconvError(msg)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
-            reason = " ".join(str(exc).split())
-            msg = f"could not write {path} ({reason}): check free space and permissions"
-            raise GpudeconvError(msg) from exc
-        raise
 
 
 def _save_psf(estimate, path: Path, input_path: Path, *, overwrite: bool) -> None:

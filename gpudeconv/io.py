@@ -747,8 +747,17 @@ def _write_atomically(target: Path, write) -> None:
             os.close(fd)
 
 
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, as the images are: a temporary file in
+    the same folder, flushed, then renamed onto ``path`` (reports, journals' companions)."""
+    target = Path(path)
+    _write_atomically(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return target
+
+
 def _create_temporary(target: Path) -> Path:
-    extension = target.name[-len(_extension_of(target)) :]
+    known = _extension_of(target)
+    extension = target.name[-len(known) :] if known else target.suffix
     for _ in range(100):
         # Same folder (so os.replace is a rename), hidden, and ending in the target's extension
         # so that the libraries pick the same format (astropy compresses '.fits.gz').
