@@ -41,9 +41,9 @@ def deconvolve(
     iterations : int
     backend : {'auto', 'numpy', 'cupy'} or Backend, optional
     tile : int, optional
-        Restore in tiles of this side (plus halos; `gpudeconv.tiles`). A path or a
-        ``numpy.memmap`` always streams, with tiles planned from the free memory unless given;
-        an in-memory array without ``tile`` is restored whole.
+        Restore in tiles of this side (plus halos; `gpudeconv.tiles`). Without it, a path or a
+        ``numpy.memmap`` streams in tiles planned from the free memory when the whole image
+        does not fit the memory budget, and is restored whole otherwise.
     psf_grid : (ny, nx) tuple of int, optional
         With ``psf=None``: estimate a `PSFField` on this grid of nodes instead of one PSF.
     **options
@@ -63,7 +63,9 @@ def deconvolve(
             "when giving psf="
         )
         raise GpudeconvError(msg)
-    streams = tile is not None or isinstance(image, (str, os.PathLike, np.memmap))
+    streams = tile is not None or (
+        isinstance(image, (str, os.PathLike, np.memmap)) and not _fits_in_memory(image, psf)
+    )
     if streams and set(options) - {"progress"}:
         msg = (
             f"{', '.join(sorted(set(options) - {'progress'}))} cannot be used when restoring in "
@@ -90,4 +92,30 @@ def deconvolve(
             tile=tile,
             progress=bool(options.get("progress", False)),
         )
+    if isinstance(image, (str, os.PathLike)):
+        from .io import read_image
+
+        image, _ = read_image(image)
     return richardson_lucy(image, psf, iterations, backend=backend, **options)
+
+
+def _fits_in_memory(image, psf) -> bool:
+    """Whether a path or memory map can be restored whole (a PSF of ``psf``'s size)."""
+    from .io import open_tile_reader
+    from .psf import PSFField
+    from .tiles import fits_in_memory
+
+    if isinstance(image, np.memmap):
+        shape = image.shape
+    else:
+        try:
+            shape = open_tile_reader(image).shape
+        except GpudeconvError:  # not readable in parts (e.g. compressed TIFF without zarr)
+            return True
+    if psf is None:
+        size = 63  # the estimate is not made yet: budget for a generous PSF
+    elif isinstance(psf, PSFField):
+        size = psf.size
+    else:
+        size = np.shape(psf)[-1]
+    return fits_in_memory(shape, psf_size=size)

@@ -284,7 +284,7 @@ def _validate_psf_options(args) -> None:
 
 def _deconvolve(args) -> int:
     from .backend import get_backend
-    from .io import open_tile_reader, provenance_header, read_image, write_image
+    from .io import provenance_header, read_image, write_image
     from .restore import richardson_lucy
 
     input_path, output_path = Path(args.input), Path(args.output)
@@ -297,7 +297,7 @@ def _deconvolve(args) -> int:
     if psf_path is not None:
         _check_output(input_path, psf_path, args.overwrite)
     # The shape, without reading the pixels: a mosaic may not fit in memory.
-    shape = open_tile_reader(input_path).shape
+    shape = _image_shape(input_path)
     channels = shape[0] if len(shape) == 3 else None
     estimate = None
     if auto:
@@ -361,19 +361,37 @@ def _validate_tile_options(args) -> None:
         raise GpudeconvError(msg)
 
 
+def _image_shape(path: Path) -> tuple[int, ...]:
+    """The input's shape from its header where the tile reader can, else by reading it."""
+    from .io import open_tile_reader, read_image
+
+    try:
+        reader = open_tile_reader(path)
+    except GpudeconvError:  # e.g. a compressed TIFF without zarr: fine in memory
+        return tuple(read_image(path)[0].shape)
+    shape = tuple(reader.shape)
+    reader.close()
+    return shape
+
+
 def _streams(args, shape, kernel, backend) -> bool:
-    """Whether to restore in tiles: asked for, or the image does not fit the memory budget."""
+    """Whether to restore in tiles: asked for, or the whole image does not fit the memory
+    budget (then only into FITS or TIFF, which can be written tile by tile)."""
     if args.tile or args.resume or args.dask is not None or args.workers is not None:
         return True
     from .psf import PSFField
-    from .tiles import plan_tiles
+    from .tiles import fits_in_memory
 
     size = kernel.size if isinstance(kernel, PSFField) else np.shape(kernel)[-1]
-    channels = shape[0] if len(shape) == 3 else 1
-    plan = plan_tiles(
-        shape[-2:], psf_size=size, iterations=args.iterations, backend=backend, channels=channels
-    )
-    return len(plan.tiles) > 1
+    if fits_in_memory(shape, psf_size=size, backend=backend):
+        return False
+    if Path(args.output).suffix.lower() not in (".fits", ".fit", ".fts", ".tif", ".tiff"):
+        msg = (
+            f"the image ({'x'.join(map(str, shape))}) is too large to restore in memory and "
+            f"{Path(args.output).suffix} cannot be written tile by tile: write .fits or .tif"
+        )
+        raise GpudeconvError(msg)
+    return True
 
 
 def _deconvolve_tiled(args, input_path, output_path, kernel, psf_text, backend):

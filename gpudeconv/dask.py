@@ -350,9 +350,9 @@ def run_on_cluster(
     )
     chunks = ((-1,) if reader.ndim == 3 else ()) + (plan.tile, plan.tile)
     stat = input_path.stat()
-    name = f"gpudeconv-read-{input_path.resolve()}-{stat.st_size}-{stat.st_mtime_ns}"
+    token = f"gpudeconv-read-{input_path.resolve()}-{stat.st_size}-{stat.st_mtime_ns}"
     meta = np.empty((0,) * reader.ndim, dtype=reader.dtype)
-    image = da.from_array(reader, chunks=chunks, name=name, lock=False, asarray=False, meta=meta)
+    image = da.from_array(reader, chunks=chunks, name=token, lock=False, asarray=False, meta=meta)
     restored = deconvolve_dask(
         image,
         psf if isinstance(host_psf, list) else host_psf,  # validated once, warned once

@@ -114,6 +114,7 @@ __all__ = [
     "TileRunReport",
     "deconvolve_file",
     "deconvolve_tiled",
+    "fits_in_memory",
     "halo_for",
     "plan_tiles",
     "restore_tiled",
@@ -261,6 +262,20 @@ def plan_tiles(
         )
     tile = _validate_tile(tile)
     return _cut(shape, min(tile, max(height, width)), halo)
+
+
+def fits_in_memory(
+    shape, *, psf_size: int, backend: Backend | str | None = None, dtype=np.float32
+) -> bool:
+    """Whether the whole image of ``shape`` ((H, W) or (C, H, W)) can be restored at once within
+    the backend's memory budget (the test the CLI and `gpudeconv.deconvolve` stream by)."""
+    backend = get_backend(backend)
+    channels = shape[0] if len(shape) == 3 else 1
+    height, width = shape[-2:]
+    frame = 4 * (int(psf_size) // 2)
+    planes = WORKING_SET_PLANES + CHANNEL_PLANES * channels
+    need = planes * (height + frame) * (width + frame) * np.dtype(dtype).itemsize
+    return need <= MEMORY_FRACTION * backend.memory_info().free
 
 
 def _tile_from_budget(image, channels, halo, radius, backend: Backend, dtype) -> int:
@@ -1105,10 +1120,13 @@ def deconvolve_file(
     with open_tile_reader(input_path) as reader:
         channels = reader.channels
         dtype = backend.float_dtype(reader.dtype)
-        if _fields_of(psf, channels) is None:  # checked (and normalized) before any file is made
+        fields = _fields_of(psf, channels)
+        if fields is None:  # checked (and normalized) before any file is made
             psf = validate_psf(
                 backend.to_host(psf), channels=channels if reader.ndim == 3 else None
             )
+        for field in fields or ():  # before any file is made, too
+            field.check_image_shape(reader.shape)
         plan = plan_tiles(
             reader.shape,
             psf_size=_psf_size(psf),

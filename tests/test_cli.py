@@ -495,3 +495,30 @@ def test_tile_options_that_cannot_go_together(observed, tmp_path, capsys):
     )
     assert code == 2 and "Traceback" not in err
     assert not out.exists() and not (tmp_path / "o.png").exists()
+
+
+def test_wide_images_that_fit_in_memory_are_not_streamed(tmp_path, capsys):
+    """A 4200-px-wide 16-bit TIFF fits in memory: restored whole, it keeps its bit depth (a
+    streamed output would be float) and may be written as PNG too."""
+    import tifffile
+
+    image = (star_field(shape=(40, 4200), seed=5, n_stars=80) * 20).astype(np.uint16)
+    source = tmp_path / "wide.tif"
+    tifffile.imwrite(source, image)
+    for name in ("out.tif", "out.png"):
+        code, _, err = run(
+            [
+                "deconvolve",
+                source,
+                "-o",
+                tmp_path / name,
+                "--psf-fwhm",
+                "2",
+                "--iterations",
+                "2",
+                "--quiet",
+            ],
+            capsys,
+        )
+        assert code == 0, err
+    assert tifffile.imread(tmp_path / "out.tif").dtype == np.uint16

@@ -591,7 +591,8 @@ def test_tile_writer_round_trips_interleaved_and_planar_layouts(tmp_path):
 
 
 def test_deconvolve_streams_paths_and_tiles(tmp_path):
-    """`gd.deconvolve`: a path or tile= streams through the tile driver, an array does not."""
+    """`gd.deconvolve`: tile= streams through the tile driver (a path too when it does not fit
+    in memory); the results agree with the in-core restoration."""
     data = star_field((150, 170), seed=31)
     path = tmp_path / "in.fits"
     fits.PrimaryHDU(data).writeto(path)
@@ -603,4 +604,15 @@ def test_deconvolve_streams_paths_and_tiles(tmp_path):
         assert result.shape == data.shape and result.dtype == np.float32
         assert np.abs(result - expected).max() <= 1e-3 * span
     with pytest.raises(gd.GpudeconvError, match="callback cannot be used when restoring in tiles"):
-        gd.deconvolve(path, psf, iterations=2, callback=print)
+        gd.deconvolve(path, psf, iterations=2, tile=64, callback=print)
+
+
+def test_a_field_for_another_image_leaves_no_files(tmp_path):
+    data = star_field((120, 130), seed=32)
+    source, target = tmp_path / "in.fits", tmp_path / "out.fits"
+    fits.PrimaryHDU(data).writeto(source)
+    field = gd.psf.aberrated_field((100, 100), (2, 2), fwhm_centre=2.0, fwhm_corner=3.0)
+    for _ in range(2):  # the second run is refused for the same reason, not for leftovers
+        with pytest.raises(GpudeconvError, match="made for images of 100x100"):
+            tiles.deconvolve_file(source, target, field, 3, tile=64, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fits"]

@@ -118,7 +118,8 @@ _FWHM_FLOOR = 0.3
 _SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 # Rendering.
 _TAIL = 1e-3  # the PSF reaches to where the model falls to this fraction of its peak,
-_MAX_SIZE = 63  # ... at least 4 FWHM + 1 and at most this side
+_MAX_SIZE = 127  # ... at least 4 FWHM + 1 and at most this side (63 lost 1.4% of a FWHM 12 px,
+# beta 2.5 Moffat's light and 2.4% of a FWHM 6 px, beta 1.5 one)
 _CUTOUT_MARGIN = 2  # px by which the empirical PSF's star cut-outs exceed it
 _MIN_SIDE = 32  # smallest image side with room for a star's fitting box
 
@@ -497,12 +498,12 @@ def _detect(residual, no_data, noise, clipped):
         if first is not None:
             first["x"] += crop[1].start
             first["y"] += crop[0].start
-            fwhm = _quick_fwhm(residual, no_data, clipped, first)
+            fwhm = _quick_fwhm_any(residual, no_data, clipped, first)
     if fwhm is None:
         first = _find_stars(residual, no_data, noise, _FIRST_FWHM)
         if first is None:
             raise _no_stars_error(f"above {_THRESHOLD_SIGMA:g} sigma of the sky noise")
-        fwhm = _quick_fwhm(residual, no_data, clipped, first) or _FIRST_FWHM
+        fwhm = _quick_fwhm_any(residual, no_data, clipped, first) or _FIRST_FWHM
     detections = _find_stars(residual, no_data, noise, fwhm)
     if detections is None:
         raise _no_stars_error(f"above {_THRESHOLD_SIGMA:g} sigma of the sky noise")
@@ -516,6 +517,16 @@ def _central_crop(shape, side: int):
         return None
     top, left = max(0, (height - side) // 2), max(0, (width - side) // 2)
     return (slice(top, top + min(side, height)), slice(left, left + min(side, width)))
+
+
+def _quick_fwhm_any(residual, no_data, clipped, found):
+    """`_quick_fwhm` in boxes of 17, 33 and 65 px: the first that holds the stars (wide
+    seeing or defocus makes stars of 12 px FWHM and more, which a 17 px box cannot fit)."""
+    for box in (17, 33, 65):
+        fwhm = _quick_fwhm(residual, no_data, clipped, found, box=box)
+        if fwhm is not None:
+            return fwhm
+    return None
 
 
 def _quick_fwhm(residual, no_data, clipped, found, *, count: int = 30, box: int = 17):
