@@ -301,6 +301,14 @@ def _deconvolve(args) -> int:
     channels = shape[0] if len(shape) == 3 else None
     estimate = None
     if auto:
+        from .tiles import fits_in_memory
+
+        if not fits_in_memory(shape, psf_size=63, backend="numpy"):
+            msg = (
+                f"the image ({'x'.join(map(str, shape))}) is too large to load for estimating "
+                "its PSF: estimate it on a crop with `gpudeconv psf`, then pass --psf FILE"
+            )
+            raise GpudeconvError(msg)
         image, _ = read_image(input_path)  # the estimate needs the stars of the whole frame
         estimate = _fit_psf(image, grid=args.psf_grid, model=args.psf_model or "moffat")
         del image

@@ -238,7 +238,8 @@ def deconvolve_dask(
         finite = da.isfinite(planes)
         low = da.min(da.where(finite, planes, np.inf), axis=(-2, -1))
         high = da.max(da.where(finite, planes, -np.inf), axis=(-2, -1))
-        low, high = da.compute(low, high)
+        # one reader, read in order here: threads sharing a FITS or zarr handle could race
+        low, high = da.compute(low, high, scheduler="synchronous")
         pedestals = pedestals_of(low, high, stacklevel=3)
     lifted = image.astype(dtype)
     if any(pedestals):
@@ -373,8 +374,14 @@ def run_on_cluster(
     )
     for line in [history] if isinstance(history, str) else list(history or ()):
         header.add_history(line)
-    partial, _ = _partial_paths(target)
-    _remove(partial)
+    partial, journal = _partial_paths(target)
+    if journal.exists() and not overwrite:
+        msg = (
+            f"{target} has an interrupted tiled run to continue ({journal.name}): run again "
+            "without Dask and with --resume, or pass --overwrite to start afresh"
+        )
+        raise GpudeconvError(msg)
+    _remove(partial, journal)
     writer = create_tile_output(partial, reader.shape, restored.dtype, header, fmt=fmt)
     started = time.perf_counter()
     try:
@@ -388,7 +395,15 @@ def run_on_cluster(
                         dashboard_address=":0",  # any free port: 8787 may be taken
                     )
                 )
-            stack.enter_context(distributed.Client(address if address is not None else cluster))
+            try:
+                client = distributed.Client(address if address is not None else cluster)
+            except OSError as error:  # no scheduler there, refused, timed out
+                msg = (
+                    f"could not reach the Dask scheduler at {address} ({error}): check the "
+                    "address (tcp://host:8786) and that the scheduler is running"
+                )
+                raise GpudeconvError(msg) from error
+            stack.enter_context(client)
             da.store(restored, writer, lock=False, compute=True)
     except BaseException:
         _remove(partial)

@@ -1162,23 +1162,35 @@ def deconvolve_file(
             writer = create_tile_output(partial, reader.shape, dtype, header, fmt=fmt)
             params["output"] = writer.describe()
             journal = _Journal.create(journal_path, params)
-        with writer:
-            report = restore_tiled(
-                reader,
-                writer,
-                psf,
-                iterations,
-                backend=backend,
-                plan=plan,
-                journal=journal,
-                progress=progress,
-                on_tile=on_tile,
+        try:
+            with writer:
+                report = restore_tiled(
+                    reader,
+                    writer,
+                    psf,
+                    iterations,
+                    backend=backend,
+                    plan=plan,
+                    journal=journal,
+                    progress=progress,
+                    on_tile=on_tile,
+                )
+                writer.sync()
+        except OSError as error:  # a full disk, above all: the output is written as it goes
+            reason = " ".join(str(error).split())
+            msg = (
+                f"could not read or write the tiles of {target.name} ({reason}): free space or "
+                "fix permissions, then run again with --resume"
             )
-            writer.sync()
+            raise GpudeconvError(msg) from error
     if target.exists() and not overwrite:  # appeared while we worked
         msg = f"output {target} exists; pass --overwrite to replace it (overwrite=True in Python)"
         raise GpudeconvError(msg)
-    os.replace(partial, target)
+    try:
+        os.replace(partial, target)
+    except OSError as error:
+        msg = f"could not rename {partial.name} to {target} ({error}); the result is in {partial}"
+        raise GpudeconvError(msg) from error
     _fsync_folder(target.parent)
     _remove(journal_path)
     return TileRunReport(**{**report.__dict__, "output": target})

@@ -393,3 +393,9 @@ def test_grid_too_fine_for_the_stars(small_scene, small_fit):
     # ... and the grid it suggests works.
     field = gd.psf.fit_psf(small_scene.image, grid=(side, side)).psf
     assert field.grid == (side, side)
+
+
+def test_channel_last_colour_is_named():
+    image = np.zeros((64, 80, 3), np.float32)
+    with pytest.raises(gd.GpudeconvError, match=r"channel-last colour \(H, W, C\).*moveaxis"):
+        gd.psf.fit_psf(image)

@@ -616,3 +616,32 @@ def test_a_field_for_another_image_leaves_no_files(tmp_path):
         with pytest.raises(GpudeconvError, match="made for images of 100x100"):
             tiles.deconvolve_file(source, target, field, 3, tile=64, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.fits"]
+
+
+def test_a_full_disk_is_one_line_and_resumable(tmp_path, monkeypatch):
+    import errno
+
+    from gpudeconv.io import TileWriter
+
+    data = star_field((120, 130), seed=33)
+    source, target = tmp_path / "in.fits", tmp_path / "out.fits"
+    fits.PrimaryHDU(data).writeto(source)
+    psf = gd.psf.gaussian(2.0, size=7)
+    original = TileWriter.write
+    calls = {"n": 0}
+
+    def fail_on_the_third(self, window, block):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, window, block)
+
+    monkeypatch.setattr(TileWriter, "write", fail_on_the_third)
+    with pytest.raises(GpudeconvError, match="No space left on device.*run again with --resume"):
+        tiles.deconvolve_file(source, target, psf, 3, tile=48, progress=False)
+    assert not target.exists()
+    monkeypatch.setattr(TileWriter, "write", original)
+    tiles.deconvolve_file(source, target, psf, 3, tile=48, progress=False, resume=True)
+    reference = tmp_path / "reference.fits"
+    tiles.deconvolve_file(source, reference, psf, 3, tile=48, progress=False)
+    assert target.read_bytes() == reference.read_bytes()

@@ -335,6 +335,12 @@ def _validate_image(image) -> tuple[np.ndarray, list[np.ndarray]]:
         array = array[0]
     if array.ndim == 2:
         return array.astype(np.float32), [array]
+    if array.ndim == 3 and array.shape[-1] in (3, 4) and array.shape[0] > 4:
+        msg = (
+            f"image has shape {array.shape}: channel-last colour (H, W, C); gpudeconv takes "
+            "channel-first (C, H, W): pass np.moveaxis(image, -1, 0)"
+        )
+        raise GpudeconvError(msg)
     if array.ndim == 3:
         planes = list(array)
         data = np.zeros(array.shape[1:], dtype=np.float32)
