@@ -399,3 +399,12 @@ def test_channel_last_colour_is_named():
     image = np.zeros((64, 80, 3), np.float32)
     with pytest.raises(gd.GpudeconvError, match=r"channel-last colour \(H, W, C\).*moveaxis"):
         gd.psf.fit_psf(image)
+
+
+def test_saturated_stars_are_found_after_a_flat_field(moffat_scene):
+    """Clipped cores that a flat field (0.3% pixel scatter) has scaled apart are no longer at
+    one value: they are still the saturation plateau."""
+    rng = np.random.default_rng(0)
+    flat = rng.normal(1.0, 0.003, moffat_scene.image.shape).astype(np.float32)
+    fit = gd.psf.fit_psf(moffat_scene.image * flat)
+    assert fit.rejected["saturated"] == len(moffat_scene.saturated)

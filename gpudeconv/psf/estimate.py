@@ -104,7 +104,11 @@ _FIRST_PASS_SIDE = 1024  # the first pass looks in the central crop of this side
 _SHARPNESS_MAX = 0.9  # DAOFIND sharpness: stars 0.2 to 0.7, hot pixels 1 and more
 _MIN_STAR_FWHM = 1.0  # px, minor axis: sharper is not light through optics
 _BLEND_FLUX_RATIO = 0.05  # a neighbour with this fraction of the star's flux blends it
-_FLAT_TOLERANCE = 1e-3  # within this fraction of the maximum, a pixel is on a flat top
+_FLAT_TOLERANCE = 1e-3  # within this fraction of its maximum, a star's pixel is on a flat top
+# (not looser: a star centred on a pixel corner has four nearly equal brightest pixels)
+# Within this fraction of the image's maximum, a pixel is at the saturation plateau: clipped
+# pixels that a flat field of 0.3% pixel-to-pixel scatter has since scaled apart stay within 1%.
+_PLATEAU_TOLERANCE = 1e-2
 _RESIDUAL_MAX = 0.3  # misfit (L2, beyond the sky noise) as a fraction of the star's light
 _CLIP_SIGMA = 3.0
 # Fits.
@@ -449,9 +453,14 @@ def _clipped_pixels(planes, no_data: np.ndarray, saturation: float | None) -> np
             level = saturation
         else:
             top = np.nanmax(values) if values.dtype.kind == "f" else values.max()
-            if not np.isfinite(top) or np.count_nonzero(values == top) < 3:
+            # Clipped pixels that a flat field has since scaled apart sit within a fraction of a
+            # percent of the maximum, no longer exactly at it.
+            with np.errstate(invalid="ignore"):
+                band = values >= top - _PLATEAU_TOLERANCE * abs(top)
+            if not np.isfinite(top) or np.count_nonzero(band) < 3:
                 continue
-            level = top
+            clipped |= band
+            continue
         with np.errstate(invalid="ignore"):
             clipped |= values >= level - 1e-6 * abs(level)
     return clipped
