@@ -3,7 +3,6 @@ and `gd.deconvolve(psf=None)`; every user error one line with exit code 2 and no
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -12,10 +11,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.table import Table
+from test_cli import assert_one_line_error, digest, run
 
 import gpudeconv as gd
 from gpudeconv import GpudeconvError
-from gpudeconv.cli import main
 from gpudeconv.synthetic import make_scene
 
 TRUE_FWHM, TRUE_BETA, TRUE_RATIO, TRUE_ANGLE = 3.5, 3.0, 0.8, 30.0
@@ -33,27 +32,8 @@ needs_matplotlib = pytest.mark.skipif(
 )
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def snapshot(folder: Path) -> dict:
     return {p.name: digest(p) for p in folder.iterdir() if p.is_file()}
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, match):
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("gpudeconv: error: ")
-    assert "Traceback" not in err
-    assert match in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
