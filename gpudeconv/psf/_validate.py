@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import numpy as np
 
 from .._errors import GpudeconvError, GpudeconvWarning
 
-__all__ = ["validate_psf"]
+__all__ = ["validate_odd_size", "validate_psf"]
 
 
 def validate_psf(
@@ -72,3 +73,17 @@ def validate_psf(
             stacklevel=3,
         )
     return array / sums
+
+
+def validate_odd_size(size, *, minimum: int = 1) -> int:
+    """A PSF side given by a user: an odd integer (not a bool, not a float) of at least
+    ``minimum``, as int; ``GpudeconvError`` otherwise."""
+    try:
+        k = operator.index(size)
+    except TypeError:
+        k = None
+    if k is None or isinstance(size, bool) or k < minimum or k % 2 == 0:
+        what = "a positive odd integer" if minimum <= 1 else f"an odd integer of at least {minimum}"
+        msg = f"size must be {what}, got {size!r}; e.g. 25"
+        raise GpudeconvError(msg)
+    return int(k)

@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +78,7 @@ from astropy.table import Table
 from .._errors import GpudeconvError
 from ..backend import is_cupy_array
 from . import models
+from ._validate import validate_odd_size
 from .field import PSFField, _node_positions, _validate_grid
 
 __all__ = ["REJECTION_REASONS", "PSFEstimate", "estimate_psf", "fit_psf"]
@@ -380,16 +380,7 @@ def _validate_saturation(saturation) -> float | None:
 
 
 def _validate_size(size) -> int | None:
-    if size is None:
-        return None
-    try:
-        k = operator.index(size)
-    except TypeError:
-        k = None
-    if k is None or isinstance(size, bool) or k < 3 or k % 2 == 0:
-        msg = f"size must be an odd integer of at least 3, got {size!r}; e.g. 25"
-        raise GpudeconvError(msg)
-    return int(k)
+    return None if size is None else validate_odd_size(size, minimum=3)
 
 
 # --- sky and detection ------------------------------------------------------------------------

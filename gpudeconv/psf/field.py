@@ -23,7 +23,7 @@ from .._errors import GpudeconvError
 from ..backend import is_cupy_array
 from ..io import _FITS_ERRORS, _FORMAT_OF_EXTENSION, _write_atomically, check_output_path
 from . import models
-from ._validate import validate_psf
+from ._validate import validate_odd_size, validate_psf
 
 __all__ = ["FieldWindow", "PSFField", "aberrated_field"]
 
@@ -125,7 +125,7 @@ class PSFField:
         image_shape = _validate_image_shape(image_shape)
         ny, nx = _validate_grid(grid, image_shape)
         if size is not None:
-            size = _validate_size(size)
+            size = validate_odd_size(size)
         rows = _node_positions(image_shape[0], ny)
         cols = _node_positions(image_shape[1], nx)
         nodes = {}
@@ -548,17 +548,6 @@ def _validate_image_shape(image_shape) -> tuple[int, int]:
         msg = f"image_shape must be (H, W), two positive integers, got {image_shape!r}"
         raise GpudeconvError(msg)
     return int(height), int(width)
-
-
-def _validate_size(size) -> int:
-    try:
-        k = operator.index(size)
-    except TypeError:
-        k = None
-    if k is None or isinstance(size, bool) or k < 1 or k % 2 == 0:
-        msg = f"size must be a positive odd integer, got {size!r}; e.g. 25"
-        raise GpudeconvError(msg)
-    return int(k)
 
 
 def _validate_grid(grid, image_shape: tuple[int, int]) -> tuple[int, int]:
