@@ -4,6 +4,10 @@
 //                                            w the data weight (0 on no-data pixels, else 1),
 //                                            bg a constant background (sky, bias) of the model
 //                                            d ~ Poisson(H u + bg); bg = 0 is the plain RL ratio
+//   damped  r = w (1 + U^(N-1) (N - (N-1) U) (d - m) / m)   where U < 1 (White 1994),
+//           r = w d / m                                     elsewhere, with m = max(b + bg, eps),
+//           U = s D(d, m), D the Poisson deviance 2 (d log(d / m) - d + m) (2 m where d <= 0),
+//           s the damping scale and N >= 1 its power: pixels fitted within the noise stop moving
 //   update  u <- u c / n   where n > floor   c = H^T r (the correction), n = H^T w; pixels with
 //                                            n <= floor have (almost) no data behind them and
 //                                            keep their value
@@ -11,12 +15,24 @@
 //   clamp   u <- min(max(u, lo), hi)         optional, on every pixel after the update; written
 //                                            with comparisons, so a NaN pixel stays NaN; an
 //                                            unbounded side is -inf or +inf
+//   floor   u <- max(u, f)                   optional per-pixel floor after the clamp, compared
+//                                            the same way
+//   change  c <- u_new - u_old               optional, the step this update made
+//   TV      n' = max(n - lambda div(g / |g|), n / 2) where n > floor, n' = n elsewhere
+//                                            (Dey et al. 2006): g = (u[i,j+1] - u[i,j],
+//                                            u[i+1,j] - u[i,j]) the forward differences, 0 across
+//                                            the last column and row, |g| = sqrt(gx^2 + gy^2 +
+//                                            eps^2), div the backward differences (the exact
+//                                            negative adjoint of g), outside the image 0
+//   extrapolate  u <- max(u + a (u - p), f u), p <- u   Biggs & Andrews (1997)
 //
 // Each step is one pass over memory. Arrays are C-contiguous and flat: element i of every
-// argument belongs to the same pixel. The index type IDX is put in front of this source by the
-// Python loader ("long long" once an array reaches 2**31 elements); the default below lets nvcc
-// compile the file on its own. No shared memory, no barriers, no warp intrinsics: every thread
-// handles the pixels i = start, start + stride, ... of a grid-stride loop.
+// argument belongs to the same pixel (the TV step reads the neighbours i - 1, i + 1, i - width,
+// i + width, i - width + 1, i + width - 1 of a row-major image as well). The index type IDX is
+// put in front of this source by the Python loader ("long long" once an array reaches 2**31
+// elements); the default below lets nvcc compile the file on its own. No shared memory, no
+// barriers, no warp intrinsics: every thread handles the pixels i = start, start + stride, ...
+// of a grid-stride loop.
 
 #ifndef IDX
 #define IDX int
@@ -29,6 +45,26 @@ __device__ inline IDX gpudeconv_first_index() {
 
 __device__ inline IDX gpudeconv_grid_stride() {
     return (IDX)gridDim.x * (IDX)blockDim.x;
+}
+
+/// log, pow and sqrt of the element type: the float versions for float, so that nothing is
+/// promoted to double on the way (and the NumPy twins, which compute in the array's dtype,
+/// round alike).
+__device__ inline float gpudeconv_log(float x) { return logf(x); }
+__device__ inline double gpudeconv_log(double x) { return log(x); }
+__device__ inline float gpudeconv_pow(float x, float y) { return powf(x, y); }
+__device__ inline double gpudeconv_pow(double x, double y) { return pow(x, y); }
+__device__ inline float gpudeconv_sqrt(float x) { return sqrtf(x); }
+__device__ inline double gpudeconv_sqrt(double x) { return sqrt(x); }
+
+/// The Poisson deviance 2 (d log(d / m) - d + m) of one pixel, 2 m where d <= 0, for a model
+/// m >= eps > 0. Rounding can make the bracket slightly negative where d is close to m: it is
+/// raised to 0, the deviance's true lower bound (pow of a negative base is NaN for a
+/// non-integer power); a NaN stays NaN.
+template <typename T>
+__device__ inline T poisson_deviance(T d, T m) {
+    T dev = d > (T)0 ? (T)2 * (d * gpudeconv_log(d / m) - d + m) : (T)2 * m;
+    return dev < (T)0 ? (T)0 : dev;
 }
 
 /// ratio[i] = weight[i] * observed[i] / max(blurred[i] + background, eps); weight is read only
@@ -45,16 +81,45 @@ __device__ void rl_ratio(const T* observed, const T* blurred, const T* weight, T
     }
 }
 
+/// White's damped ratio (the header's formula) times weight[i] if has_weight, for scale > 0 and
+/// power >= 1; an entry point of its own, so that the plain ratio keeps its code and speed. The
+/// weight matters on every pixel: the damped ratio is not 0 where observed is. ratio may alias
+/// blurred.
+template <typename T>
+__device__ void rl_damped_ratio(const T* observed, const T* blurred, const T* weight, T* ratio,
+                                IDX n, T eps, T background, T scale, T power, int has_weight) {
+    const T order = power - (T)1;
+    for (IDX i = gpudeconv_first_index(); i < n; i += gpudeconv_grid_stride()) {
+        T m = blurred[i] + background;
+        m = m > eps ? m : eps;
+        const T d = observed[i];
+        const T misfit = scale * poisson_deviance(d, m);  // White's U
+        T r;
+        if (misfit < (T)1) {
+            // U^(N-1) may underflow to 0 in float: the ratio is then 1, as it should be
+            r = (T)1 + gpudeconv_pow(misfit, order) * (power - order * misfit) * ((d - m) / m);
+        } else {
+            r = d / m;
+        }
+        ratio[i] = has_weight ? weight[i] * r : r;
+    }
+}
+
 /// estimate[i] *= correction[i] / norm[i] where norm[i] > norm_floor (pixels with no data behind
 /// them keep their value); estimate[i] *= correction[i] everywhere when has_norm is 0. With
 /// has_clamp, every pixel's new value is then clamped to [lower, upper] (lower <= upper, no NaN
 /// bound; -inf / +inf leave a side open) by comparisons, not fmin/fmax: a NaN stays NaN. Without
-/// has_clamp lower and upper are not read and the step is the plain update.
+/// has_clamp lower and upper are not read and the step is the plain update. With has_floor the
+/// value is then raised to at least pixel_floor[i], compared the same way; with has_change,
+/// change[i] receives the new value minus the old one. Arrays behind a flag that is 0 are not
+/// read or written.
 template <typename T>
-__device__ void rl_update(T* estimate, const T* correction, const T* norm, IDX n, T norm_floor,
-                          T lower, T upper, int has_norm, int has_clamp) {
+__device__ void rl_update(T* estimate, const T* correction, const T* norm, const T* pixel_floor,
+                          T* change, IDX n, T norm_floor, T lower, T upper, int has_norm,
+                          int has_clamp, int has_floor, int has_change) {
     for (IDX i = gpudeconv_first_index(); i < n; i += gpudeconv_grid_stride()) {
-        T u = estimate[i];
+        const T old = estimate[i];
+        T u = old;
         if (has_norm) {
             T w = norm[i];
             if (w > norm_floor) {
@@ -67,7 +132,77 @@ __device__ void rl_update(T* estimate, const T* correction, const T* norm, IDX n
             if (u < lower) u = lower;
             if (u > upper) u = upper;
         }
+        if (has_floor) {
+            const T f = pixel_floor[i];
+            if (u < f) u = f;
+        }
+        if (has_change) {
+            change[i] = u - old;
+        }
         estimate[i] = u;
+    }
+}
+
+/// sqrt(gx^2 + gy^2 + eps2): the length of a forward gradient, never below eps.
+template <typename T>
+__device__ inline T tv_length(T gx, T gy, T eps2) {
+    return gpudeconv_sqrt(gx * gx + gy * gy + eps2);
+}
+
+/// out[i] = the TV normalization of the header for the row-major image estimate of n pixels
+/// and `width` columns: norm[i] where norm[i] <= norm_floor, else
+/// max(norm[i] - strength * div[i], norm[i] / 2), with div[i] = nx(i) - nx(left) + ny(i) -
+/// ny(above) and (nx, ny) = g / |g|. Each thread recomputes the unit gradients of its left and
+/// upper neighbours from global memory (their inputs are cached reads shared with the
+/// neighbouring threads): no second pass, no scratch array. out must not alias estimate or norm.
+template <typename T>
+__device__ void rl_tv_norm(const T* estimate, const T* norm, T* out, IDX n, IDX width,
+                           T norm_floor, T strength, T epsilon) {
+    const T eps2 = epsilon * epsilon;
+    for (IDX i = gpudeconv_first_index(); i < n; i += gpudeconv_grid_stride()) {
+        const T w = norm[i];
+        if (w <= norm_floor) {
+            out[i] = w;
+            continue;
+        }
+        const IDX col = i % width;
+        const bool right = col + 1 < width;  // not the last column: gx is a difference
+        const bool below = i + width < n;    // not the last row: gy is a difference
+        const T u = estimate[i];
+        const T gx = right ? estimate[i + 1] - u : (T)0;
+        const T gy = below ? estimate[i + width] - u : (T)0;
+        const T length = tv_length(gx, gy, eps2);
+        T div = gx / length;
+        if (col > 0) {  // minus nx of the left neighbour, whose gx is u - left
+            const T left = estimate[i - 1];
+            const T lgx = u - left;
+            const T lgy = below ? estimate[i - 1 + width] - left : (T)0;
+            div = div - lgx / tv_length(lgx, lgy, eps2);
+        }
+        div = div + gy / length;
+        if (i >= width) {  // minus ny of the neighbour above, whose gy is u - above
+            const T above = estimate[i - width];
+            const T agy = u - above;
+            const T agx = right ? estimate[i - width + 1] - above : (T)0;
+            div = div - agy / tv_length(agx, agy, eps2);
+        }
+        const T regularized = w - strength * div;
+        const T half = (T)0.5 * w;
+        out[i] = regularized < half ? half : regularized;  // a NaN stays NaN
+    }
+}
+
+/// previous[i] <- u and estimate[i] <- max(u + alpha (u - previous[i]), floor_fraction u) with
+/// u = estimate[i] (Biggs & Andrews' extrapolation, kept positive where u is), compared as the
+/// clamp is: a NaN stays NaN.
+template <typename T>
+__device__ void ba_extrapolate(T* estimate, T* previous, IDX n, T alpha, T floor_fraction) {
+    for (IDX i = gpudeconv_first_index(); i < n; i += gpudeconv_grid_stride()) {
+        const T u = estimate[i];
+        const T lowest = floor_fraction * u;
+        const T y = u + alpha * (u - previous[i]);
+        previous[i] = u;
+        estimate[i] = y < lowest ? lowest : y;
     }
 }
 
@@ -85,18 +220,62 @@ extern "C" __global__ void gpudeconv_rl_ratio_float64(const double* observed,
     rl_ratio<double>(observed, blurred, weight, ratio, n, eps, background, has_weight);
 }
 
+extern "C" __global__ void gpudeconv_rl_damped_ratio_float32(
+    const float* observed, const float* blurred, const float* weight, float* ratio, IDX n,
+    float eps, float background, float scale, float power, int has_weight) {
+    rl_damped_ratio<float>(observed, blurred, weight, ratio, n, eps, background, scale, power,
+                           has_weight);
+}
+
+extern "C" __global__ void gpudeconv_rl_damped_ratio_float64(
+    const double* observed, const double* blurred, const double* weight, double* ratio, IDX n,
+    double eps, double background, double scale, double power, int has_weight) {
+    rl_damped_ratio<double>(observed, blurred, weight, ratio, n, eps, background, scale, power,
+                            has_weight);
+}
+
 extern "C" __global__ void gpudeconv_rl_update_float32(float* estimate, const float* correction,
-                                                       const float* norm, IDX n, float norm_floor,
+                                                       const float* norm, const float* pixel_floor,
+                                                       float* change, IDX n, float norm_floor,
                                                        float lower, float upper, int has_norm,
-                                                       int has_clamp) {
-    rl_update<float>(estimate, correction, norm, n, norm_floor, lower, upper, has_norm, has_clamp);
+                                                       int has_clamp, int has_floor,
+                                                       int has_change) {
+    rl_update<float>(estimate, correction, norm, pixel_floor, change, n, norm_floor, lower, upper,
+                     has_norm, has_clamp, has_floor, has_change);
 }
 
 extern "C" __global__ void gpudeconv_rl_update_float64(double* estimate, const double* correction,
-                                                       const double* norm, IDX n,
-                                                       double norm_floor, double lower,
-                                                       double upper, int has_norm,
-                                                       int has_clamp) {
-    rl_update<double>(estimate, correction, norm, n, norm_floor, lower, upper, has_norm,
-                      has_clamp);
+                                                       const double* norm,
+                                                       const double* pixel_floor, double* change,
+                                                       IDX n, double norm_floor, double lower,
+                                                       double upper, int has_norm, int has_clamp,
+                                                       int has_floor, int has_change) {
+    rl_update<double>(estimate, correction, norm, pixel_floor, change, n, norm_floor, lower,
+                      upper, has_norm, has_clamp, has_floor, has_change);
+}
+
+extern "C" __global__ void gpudeconv_rl_tv_norm_float32(const float* estimate, const float* norm,
+                                                        float* out, IDX n, IDX width,
+                                                        float norm_floor, float strength,
+                                                        float epsilon) {
+    rl_tv_norm<float>(estimate, norm, out, n, width, norm_floor, strength, epsilon);
+}
+
+extern "C" __global__ void gpudeconv_rl_tv_norm_float64(const double* estimate,
+                                                        const double* norm, double* out, IDX n,
+                                                        IDX width, double norm_floor,
+                                                        double strength, double epsilon) {
+    rl_tv_norm<double>(estimate, norm, out, n, width, norm_floor, strength, epsilon);
+}
+
+extern "C" __global__ void gpudeconv_ba_extrapolate_float32(float* estimate, float* previous,
+                                                            IDX n, float alpha,
+                                                            float floor_fraction) {
+    ba_extrapolate<float>(estimate, previous, n, alpha, floor_fraction);
+}
+
+extern "C" __global__ void gpudeconv_ba_extrapolate_float64(double* estimate, double* previous,
+                                                            IDX n, double alpha,
+                                                            double floor_fraction) {
+    ba_extrapolate<double>(estimate, previous, n, alpha, floor_fraction);
 }

@@ -191,7 +191,13 @@ def test_ratio_without_background_is_unchanged_bit_for_bit(dtype, weighted):
     expected = d["observed"] / np.maximum(d["blurred"], dtype(RATIO_EPS))
     if weighted:
         expected *= d["weight"]
-    for options in ({}, {"background": 0.0}, {"background": -0.0}, {"background": np.int64(0)}):
+    for options in (
+        {},
+        {"background": 0.0},
+        {"background": -0.0},
+        {"background": np.int64(0)},
+        {"damping": None},
+    ):
         ratio = backend.rl_ratio(d["observed"], d["blurred"].copy(), weight, **options)
         np.testing.assert_array_equal(
             ratio.view(f"u{ratio.itemsize}"), expected.view(f"u{ratio.itemsize}")
@@ -232,7 +238,7 @@ def test_update_without_clamp_is_unchanged_bit_for_bit(dtype, norm):
     backend = NumPyBackend()
     d = rl_step_data(dtype)
     expected = plain_update(d, norm).view(f"u{np.dtype(dtype).itemsize}")
-    for bounds in ({}, {"lower": None, "upper": None}):
+    for bounds in ({}, {"lower": None, "upper": None}, {"floor": None, "change": None}):
         result = run_update(backend, d, norm, **bounds)
         np.testing.assert_array_equal(result.view(expected.dtype), expected)
     # open bounds on both sides: a clamp that changes nothing, NaN pixels included
@@ -266,6 +272,256 @@ def test_a_non_finite_background_is_refused(backend, background):
     with pytest.raises(GpudeconvError, match="background must be a finite number .* got"):
         backend.rl_ratio(backend.asarray(d["observed"]), blurred, background=background)
     np.testing.assert_array_equal(backend.to_host(blurred), d["blurred"])
+
+
+# -------------------------------------------------- damping, floor, TV, extrapolation, deviance
+# The formulas of White (1994), Dey et al. (2006) and Biggs & Andrews (1997), written here in
+# float64 with NumPy alone.
+def deviance_reference(observed, model):
+    """2 (d log(d / m) - d + m), 2 m where d <= 0, in float64."""
+    d, m = np.asarray(observed, np.float64), np.asarray(model, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inside = d * np.log(np.where(d > 0, d, 1) / m) - d + m
+    return np.where(d > 0, 2 * inside, 2 * m)
+
+
+def damped_reference(observed, blurred, weight, *, background, scale, power):
+    """White's damped ratio in float64."""
+    m = np.maximum(np.asarray(blurred, np.float64) + background, RATIO_EPS)
+    d = np.asarray(observed, np.float64)
+    misfit = scale * deviance_reference(d, m)
+    with np.errstate(over="ignore", invalid="ignore"):
+        damped = 1 + misfit ** (power - 1) * (power - (power - 1) * misfit) * (d - m) / m
+    ratio = np.where(misfit < 1, damped, d / m)
+    return ratio if weight is None else weight * ratio
+
+
+def dark_step_data(dtype, seed=7):
+    """rl_step_data with pixels without photons under a faint model and negative pixels."""
+    d = rl_step_data(dtype, seed)
+    d["observed"][2, 10:30] = 0.0
+    d["blurred"][2, 10:20] = 0.4  # U < 1 there: the damped ratio is near 1, not 0
+    d["observed"][3, 10:20] = -5.0
+    return d
+
+
+# The float32 deviance cancels where the data are close to the model, which White's U**(N-1)
+# amplifies about N (N - 1) times (test_kernels_emulated.DAMPED_RTOL): a float64 reference is
+# met to 1e-4 in float32 (measured: 9e-6).
+FORMULA_RTOL = {np.float32: 1e-4, np.float64: 1e-10}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("damping", [(0.02, 10.0), (0.5, 10), (0.1, 3.5)], ids=str)
+@pytest.mark.parametrize("background", [0.0, 12.5])
+def test_damped_ratio_follows_whites_formula(backend, dtype, damping, background):
+    d = dark_step_data(dtype)
+    scale, power = damping
+    expected = damped_reference(
+        d["observed"], d["blurred"], d["weight"], background=background, scale=scale, power=power
+    )
+    ratio = backend.rl_ratio(
+        backend.asarray(d["observed"]),
+        backend.asarray(d["blurred"].copy()),
+        backend.asarray(d["weight"]),
+        background=background,
+        damping=damping,
+    )
+    ratio = backend.to_host(ratio)
+    np.testing.assert_allclose(ratio, expected, rtol=FORMULA_RTOL[dtype], atol=1e-7)
+    plain = d["weight"] * d["observed"] / np.maximum(d["blurred"] + dtype(background), RATIO_EPS)
+    changed = np.abs(ratio - plain) > 1e-3 * np.abs(plain)
+    assert 0.02 < changed.mean() < 0.98  # damped and undamped pixels both
+    if background == 0:  # no photons, a faint model: about 1 where the weight is 1
+        dark = (d["observed"][2, 10:20] == 0) & (d["weight"][2, 10:20] > 0)
+        assert (ratio[2, 10:20][dark] > 0.5).all() and dark.sum() > 3
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize("clamped", [True, False], ids=["clamp", "no-clamp"])
+def test_update_floor_and_change(backend, dtype, norm, clamped):
+    d = rl_step_data(dtype)
+    bounds = {"lower": 100.0, "upper": 900.0} if clamped else {}
+    stepped = plain_update(d, norm)
+    if clamped:
+        stepped = np.clip(stepped, dtype(100.0), dtype(900.0))
+    floor = np.random.default_rng(2).uniform(200, 600, stepped.shape).astype(dtype)
+    floor[10, :5] = np.nan  # a NaN floor raises nothing
+    estimate = backend.asarray(d["estimate"].copy())
+    change = backend.asarray(np.full(stepped.shape, np.nan, dtype))
+    backend.rl_update(
+        estimate,
+        backend.asarray(d["correction"].copy()),
+        backend.asarray(d["norm"]) if norm else None,
+        floor=backend.asarray(floor),
+        change=change,
+        **bounds,
+    )
+    result, change = backend.to_host(estimate), backend.to_host(change)
+    expected = np.where(stepped < floor, floor, stepped)  # NaN pixels stay NaN
+    rtol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(result, expected, rtol=rtol)
+    assert (result == floor).sum() > 100 and (result > floor).sum() > 100
+    np.testing.assert_array_equal(np.isnan(result), np.isnan(d["estimate"]))
+    np.testing.assert_array_equal(change, result - d["estimate"])  # new - old, exactly
+
+
+def tv_reference(estimate, norm, *, strength, epsilon):
+    """Dey et al.'s normalization in float64, with np.diff and np.pad."""
+    u = np.asarray(estimate, np.float64)
+    gx = np.pad(np.diff(u, axis=1), ((0, 0), (0, 1)))
+    gy = np.pad(np.diff(u, axis=0), ((0, 1), (0, 0)))
+    length = np.sqrt(gx**2 + gy**2 + epsilon**2)
+    nx, ny = gx / length, gy / length
+    div = np.diff(nx, axis=1, prepend=0.0) + np.diff(ny, axis=0, prepend=0.0)
+    n = np.asarray(norm, np.float64)
+    return np.where(n <= NORM_FLOOR, n, np.maximum(n - strength * div, 0.5 * n))
+
+
+def tv_step_data(dtype, seed=8):
+    """A star field as the estimate, norm 0.3 to 1 with an unobserved ring (norm 0)."""
+    from helpers import star_field
+
+    estimate = star_field((41, 57), seed=seed, n_stars=10).astype(dtype)
+    norm = np.random.default_rng(seed).uniform(0.3, 1.0, estimate.shape).astype(dtype)
+    norm[:2], norm[-2:], norm[:, :2], norm[:, -2:] = 0, 0, 0, 0
+    return estimate, norm
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("strength", "epsilon"), [(0.005, 1.0), (0.3, 0.5)])
+def test_tv_norm_follows_deys_formula(backend, dtype, strength, epsilon):
+    estimate, norm = tv_step_data(dtype)
+    out = backend.asarray(np.full(estimate.shape, np.nan, dtype))
+    result = backend.rl_tv_norm(
+        backend.asarray(estimate), backend.asarray(norm), out, strength=strength, epsilon=epsilon
+    )
+    assert result is out
+    expected = tv_reference(estimate, norm, strength=strength, epsilon=epsilon)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(backend.to_host(out), expected, rtol=rtol)
+    assert (np.abs(expected / np.where(norm > 0, norm, 1) - 1) > 1e-3).mean() > 0.3
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tv_norm_of_a_flat_image_is_the_norm(backend, dtype):
+    _, norm = tv_step_data(dtype)
+    flat = np.full(norm.shape, 123.0, dtype)
+    out = backend.asarray(np.full(norm.shape, np.nan, dtype))
+    backend.rl_tv_norm(backend.asarray(flat), backend.asarray(norm), out, strength=0.5, epsilon=0.1)
+    np.testing.assert_array_equal(backend.to_host(out), norm)
+
+
+def test_tv_divergence_is_the_negative_adjoint_of_the_gradient():
+    """sum(grad u . p) = -sum(u div p) for any u and any p that is 0 where the gradient is (px
+    on the last column, py on the last row), as the unit gradients of TV are."""
+    from gpudeconv.backend._numpy import _divergence, _gradient
+
+    rng = np.random.default_rng(4)
+    u = rng.normal(size=(37, 53))
+    px, py = rng.normal(size=u.shape), rng.normal(size=u.shape)
+    px[:, -1] = 0.0
+    py[-1] = 0.0
+    gx, gy = _gradient(u, 0, u.shape[0])
+    inner = np.sum(gx * px) + np.sum(gy * py)
+    assert inner == pytest.approx(-np.sum(u * _divergence(px, py)), rel=1e-12)
+    assert abs(inner) > 10  # not a trivial zero
+    # a block of rows with the row above it gives the whole image's rows
+    whole = _divergence(px, py)
+    np.testing.assert_array_equal(_divergence(px[10:20], py[10:20], py[9]), whole[10:20])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_extrapolation_follows_biggs_andrews(backend, dtype):
+    d = rl_step_data(dtype)
+    current = d["estimate"].copy()
+    current[:, 0] = np.abs(current[:, 0])
+    earlier = (current * np.random.default_rng(3).uniform(0.3, 2.5, current.shape)).astype(dtype)
+    estimate, previous = backend.asarray(current.copy()), backend.asarray(earlier.copy())
+    backend.ba_extrapolate(estimate, previous, 0.9, floor_fraction=0.25)
+    stepped = current + dtype(0.9) * (current - earlier)
+    expected = np.where(stepped < dtype(0.25) * current, dtype(0.25) * current, stepped)
+    rtol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(backend.to_host(estimate), expected, rtol=rtol)
+    np.testing.assert_array_equal(backend.to_host(previous), current)
+    assert (expected == dtype(0.25) * current).sum() > 100  # the floor held pixels up
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
+@pytest.mark.parametrize("background", [0.0, -30.0])
+def test_deviance_is_the_poisson_deviance(backend, dtype, weighted, background):
+    d = dark_step_data(dtype)
+    weight = d["weight"] if weighted else None
+    model = np.maximum(d["blurred"].astype(np.float64) + background, RATIO_EPS)
+    terms = deviance_reference(d["observed"], model)
+    expected = np.sum(terms if weight is None else weight * terms)
+    blurred = backend.asarray(d["blurred"])
+    deviance = backend.rl_deviance(
+        backend.asarray(d["observed"]),
+        blurred,
+        None if weight is None else backend.asarray(weight),
+        background=background,
+    )
+    assert type(deviance) is float
+    assert deviance == pytest.approx(expected, rel=1e-6 if dtype == np.float32 else 1e-12)
+    np.testing.assert_array_equal(backend.to_host(blurred), d["blurred"])
+
+
+@pytest.mark.parametrize(
+    ("step", "options", "message"),
+    [
+        ("ratio", {"damping": 0.5}, r"damping must be None or a pair \(scale, power\)"),
+        ("ratio", {"damping": (1, 2, 3)}, r"damping must be None or a pair"),
+        ("ratio", {"damping": (0.0, 10)}, r"damping scale must be a positive finite number"),
+        ("ratio", {"damping": (np.inf, 10)}, r"damping scale must be .* got inf"),
+        ("ratio", {"damping": (0.5, 0.9)}, r"damping power must be a finite number >= 1 .* 0.9"),
+        ("ratio", {"damping": (0.5, np.nan)}, r"damping power must be .* got nan"),
+        ("tv", {"strength": -0.1, "epsilon": 1.0}, r"TV strength must be a finite number >= 0"),
+        ("tv", {"strength": np.nan, "epsilon": 1.0}, r"TV strength must be .* got nan"),
+        ("tv", {"strength": 0.1, "epsilon": 0.0}, r"TV epsilon must be a positive finite"),
+        ("tv", {"strength": 0.1, "epsilon": np.inf}, r"TV epsilon must be .* got inf"),
+        ("extrapolate", {"alpha": 1.0}, r"alpha must be a number in \[0, 1\) .* got 1.0"),
+        ("extrapolate", {"alpha": -0.1}, r"alpha must be a number in \[0, 1\)"),
+        ("extrapolate", {"alpha": 0.5, "floor_fraction": 1.5}, r"floor_fraction must be .*1\]"),
+        ("extrapolate", {"alpha": np.nan}, r"alpha must be .* got nan"),
+    ],
+)
+def test_bad_step_settings_are_refused(backend, step, options, message):
+    d = rl_step_data(np.float32)
+    estimate = backend.asarray(d["estimate"].copy())
+    blurred = backend.asarray(d["blurred"].copy())
+    other = backend.asarray(d["correction"].copy())
+    with pytest.raises(GpudeconvError, match=message) as caught:
+        if step == "ratio":
+            backend.rl_ratio(backend.asarray(d["observed"]), blurred, **options)
+        elif step == "tv":
+            backend.rl_tv_norm(estimate, backend.asarray(d["norm"]), other, **options)
+        else:
+            backend.ba_extrapolate(estimate, other, **options)
+    assert isinstance(caught.value, ValueError)
+    # refused before anything was written
+    np.testing.assert_array_equal(backend.to_host(estimate), d["estimate"])
+    np.testing.assert_array_equal(backend.to_host(blurred), d["blurred"])
+    np.testing.assert_array_equal(backend.to_host(other), d["correction"])
+
+
+def test_steps_refuse_arrays_they_cannot_write(backend):
+    d = rl_step_data(np.float32)
+    estimate = backend.asarray(d["estimate"].copy())
+    norm = backend.asarray(d["norm"])
+    with pytest.raises(ValueError, match="out must be an array of its own: .* estimate"):
+        backend.rl_tv_norm(estimate, norm, estimate, strength=0.1, epsilon=1.0)
+    with pytest.raises(ValueError, match="out must be an array of its own: .* norm"):
+        backend.rl_tv_norm(estimate, norm, norm, strength=0.1, epsilon=1.0)
+    with pytest.raises(ValueError, match=r"out must have the shape \(41, 57\)"):
+        backend.rl_tv_norm(estimate, norm, estimate[:, :-1].copy(), strength=0.1, epsilon=1.0)
+    with pytest.raises(ValueError, match="previous is written in place: .* float32"):
+        backend.ba_extrapolate(estimate, backend.asarray(d["estimate"].astype(np.float64)), 0.5)
+    with pytest.raises(ValueError, match="change is written in place"):
+        backend.rl_update(estimate, norm, change=backend.xp.zeros((57, 41), np.float32).T)
+    np.testing.assert_array_equal(backend.to_host(estimate), d["estimate"])
 
 
 def test_kernel_sources_ship_with_the_package():
@@ -370,6 +626,43 @@ def test_row_parallel_passes_cover_every_row_once():
     backend.rl_update(updated, correction.copy(), norm)
     expected = np.where(norm > NORM_FLOOR, estimate * correction / norm, estimate)
     np.testing.assert_allclose(updated, expected, rtol=1e-6)
+
+
+def test_row_parallel_stencil_and_sums_match_one_block():
+    """The TV stencil reads a row of halo across block edges, and the deviance adds per-block
+    sums: both as on one block, on an array large enough to be cut."""
+    from gpudeconv.backend._base import Backend
+    from gpudeconv.backend._numpy import NumPyBackend, _tv_norm_rows
+    from gpudeconv.backend._parallel import by_row_ranges, map_rows, usable_cores
+
+    rng = np.random.default_rng(6)
+    shape = (1201, 1003)
+    estimate = rng.gamma(2.0, 50.0, shape).astype(np.float32)
+    norm = rng.uniform(0.2, 1.0, shape).astype(np.float32)
+    norm[::97] = 0.0
+    blocks = by_row_ranges(lambda start, stop: (start, stop), shape[0], estimate.size)
+    assert blocks[0][0] == 0 and blocks[-1][1] == shape[0]
+    assert all(stop == start for (_, stop), (start, _) in zip(blocks, blocks[1:], strict=False))
+    assert (len(blocks) > 1) == (usable_cores() > 1)
+    backend = NumPyBackend()
+    out = np.full(shape, np.nan, np.float32)
+    backend.rl_tv_norm(estimate, norm, out, strength=0.05, epsilon=1.0)
+    whole = np.full(shape, np.nan, np.float32)
+    epsilon = np.float32(1.0)
+    _tv_norm_rows(
+        estimate, norm, whole, 0, shape[0], strength=np.float32(0.05), eps2=epsilon * epsilon
+    )
+    np.testing.assert_array_equal(out, whole)
+    observed = rng.poisson(estimate).astype(np.float32)
+    weight = (rng.random(shape) > 0.1).astype(np.float32)
+    for w in (weight, None):
+        parallel = backend.rl_deviance(observed, estimate, w, background=3.0)
+        generic = Backend.rl_deviance(backend, observed, estimate, w, background=3.0)
+        assert parallel == pytest.approx(generic, rel=1e-12)
+    # an optional array left out reaches every block as None
+    assert map_rows(lambda a, b: (len(a), b), estimate, None) == [
+        (stop - start, None) for start, stop in blocks
+    ]
 
 
 def _restore_in_child(queue):

@@ -16,11 +16,24 @@ import kernel_harness as kh
 import numpy as np
 import pytest
 from helpers import star_field
-from test_kernels_emulated import RTOL, backgrounds, clamp_data, clamps, rl_data
+from test_kernels_emulated import (
+    DAMPED_RTOL,
+    DAMPINGS,
+    RTOL,
+    TV_SETTINGS,
+    backgrounds,
+    clamp_data,
+    clamps,
+    damped_data,
+    extrapolation_data,
+    floor_data,
+    rl_data,
+    tv_data,
+)
 
 import gpudeconv as gd
 from gpudeconv import GpudeconvError
-from gpudeconv.backend import is_cupy_array
+from gpudeconv.backend import Backend, is_cupy_array
 from gpudeconv.backend._numpy import NumPyBackend
 
 pytestmark = pytest.mark.skipif(
@@ -170,7 +183,178 @@ def test_rl_update_matches_numpy(fake, cupy_backend, dtype, with_norm, sides):
         assert np.isnan(estimate.get()).sum() == 3
     (launch,) = fake.launches
     assert launch.name == f"gpudeconv_rl_update_{dtype}"
-    assert launch.argument_types == (*[f"{dtype}*"] * 3, "int32", *[dtype] * 3, "int32", "int32")
+    assert launch.argument_types == (*[f"{dtype}*"] * 5, "int32", *[dtype] * 3, *["int32"] * 4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
+def test_rl_damped_ratio_matches_numpy(fake, cupy_backend, dtype, weighted):
+    d = damped_data(dtype)
+    weight = d["weight"] if weighted else None
+    background = float(backgrounds(dtype)["none"])
+    cp = fake.cupy
+    # Python numbers, an int among them: the backend must hand the kernel the C types
+    dampings = [*DAMPINGS.values(), (1, 10)]
+    for damping in dampings:
+        expected = NumPyBackend().rl_ratio(
+            d["observed"], d["blurred"].copy(), weight, background=background, damping=damping
+        )
+        blurred = cp.asarray(d["blurred"])
+        ratio = cupy_backend.rl_ratio(
+            cp.asarray(d["observed"]),
+            blurred,
+            None if weight is None else cp.asarray(weight),
+            background=background,
+            damping=damping,
+        )
+        assert ratio is blurred  # in place, like the NumPy twin
+        np.testing.assert_allclose(ratio.get(), expected, rtol=DAMPED_RTOL[dtype], atol=0)
+    assert [launch.name for launch in fake.launches] == [
+        f"gpudeconv_rl_damped_ratio_{dtype}"
+    ] * len(dampings)
+    assert fake.launches[0].argument_types == (
+        *[f"{dtype}*"] * 4,
+        "int32",
+        *[dtype] * 4,
+        "int32",
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("variant", ["floor", "change", "clamp-floor-change"])
+def test_rl_update_with_floor_and_change_matches_numpy(fake, cupy_backend, dtype, variant):
+    d = floor_data(dtype)
+    floor = d["pixel_floor"] if "floor" in variant else None
+    tracks = "change" in variant
+    bounds = clamps(dtype)["both"] if variant.startswith("clamp") else (None, None)
+    lower, upper = (None if bound is None else float(bound) for bound in bounds)
+    expected = d["estimate"].copy()
+    expected_change = np.zeros_like(expected) if tracks else None
+    NumPyBackend().rl_update(
+        expected,
+        d["correction"].copy(),
+        d["norm"],
+        lower=lower,
+        upper=upper,
+        floor=floor,
+        change=expected_change,
+    )
+    cp = fake.cupy
+    estimate = cp.asarray(d["estimate"])
+    change = cp.zeros(expected.shape, dtype) if tracks else None
+    result = cupy_backend.rl_update(
+        estimate,
+        cp.asarray(d["correction"]),
+        cp.asarray(d["norm"]),
+        lower=lower,
+        upper=upper,
+        floor=None if floor is None else cp.asarray(floor),
+        change=change,
+    )
+    assert result is None
+    np.testing.assert_allclose(estimate.get(), expected, rtol=RTOL[dtype], atol=0)
+    if tracks:
+        np.testing.assert_allclose(change.get(), expected_change, rtol=RTOL[dtype], atol=0)
+    if floor is not None:
+        assert (estimate.get() == floor).sum() > 200
+    (launch,) = fake.launches
+    assert launch.name == f"gpudeconv_rl_update_{dtype}"
+    assert launch.argument_types == (*[f"{dtype}*"] * 5, "int32", *[dtype] * 3, *["int32"] * 4)
+
+
+def test_rl_update_refuses_outputs_it_cannot_write(fake, cupy_backend):
+    cp = fake.cupy
+    d = floor_data("float32")
+    estimate = cp.asarray(d["estimate"])
+    correction = cp.asarray(d["correction"])
+    with pytest.raises(ValueError, match="change is written in place: it must be a C-contiguous"):
+        cupy_backend.rl_update(estimate, correction, change=cp.zeros(estimate.shape, np.float64))
+    with pytest.raises(ValueError, match="change is written in place"):
+        cupy_backend.rl_update(
+            estimate, correction, change=cp.zeros(estimate.shape[::-1], np.float32).T
+        )
+    with pytest.raises(ValueError, match=r"floor must have the shape \(37, 53\)"):
+        cupy_backend.rl_update(estimate, correction, floor=cp.asarray(d["pixel_floor"][:, :-1]))
+    np.testing.assert_array_equal(estimate.get(), d["estimate"])
+    assert fake.launches == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rl_tv_norm_matches_numpy(fake, cupy_backend, dtype):
+    estimate, norm = tv_data(dtype, ring=False)
+    cp = fake.cupy
+    for strength, epsilon in TV_SETTINGS.values():
+        expected = np.empty_like(estimate)
+        NumPyBackend().rl_tv_norm(estimate, norm, expected, strength=strength, epsilon=epsilon)
+        out = cp.empty(estimate.shape, dtype)
+        result = cupy_backend.rl_tv_norm(
+            cp.asarray(estimate), cp.asarray(norm), out, strength=strength, epsilon=epsilon
+        )
+        assert result is out
+        np.testing.assert_allclose(out.get(), expected, rtol=RTOL[dtype], atol=0)
+    assert [launch.name for launch in fake.launches] == [f"gpudeconv_rl_tv_norm_{dtype}"] * 2
+    assert fake.launches[0].argument_types == (
+        *[f"{dtype}*"] * 3,
+        "int32",
+        "int32",
+        *[dtype] * 3,
+    )
+
+
+def test_rl_tv_norm_refuses_aliased_or_misshapen_arrays(fake, cupy_backend):
+    cp = fake.cupy
+    estimate, norm = (cp.asarray(a) for a in tv_data("float32", ring=False))
+    settings = {"strength": 0.01, "epsilon": 1.0}
+    with pytest.raises(ValueError, match="out must be an array of its own.*estimate"):
+        cupy_backend.rl_tv_norm(estimate, norm, estimate, **settings)
+    with pytest.raises(ValueError, match="out must be an array of its own.*norm"):
+        cupy_backend.rl_tv_norm(estimate, norm, norm, **settings)
+    with pytest.raises(ValueError, match="takes a 2-D estimate"):
+        flat = estimate.reshape(-1)
+        cupy_backend.rl_tv_norm(flat, norm.reshape(-1), cp.empty_like(flat), **settings)
+    with pytest.raises(ValueError, match="out is written in place"):
+        cupy_backend.rl_tv_norm(estimate, norm, cp.empty(estimate.shape, np.float64), **settings)
+    assert fake.launches == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_ba_extrapolate_matches_numpy(fake, cupy_backend, dtype):
+    start, before = extrapolation_data(dtype)
+    expected, expected_previous = start.copy(), before.copy()
+    NumPyBackend().ba_extrapolate(expected, expected_previous, 0.8, floor_fraction=0.2)
+    cp = fake.cupy
+    estimate, previous = cp.asarray(start), cp.asarray(before)
+    assert cupy_backend.ba_extrapolate(estimate, previous, 0.8, floor_fraction=0.2) is None
+    np.testing.assert_allclose(estimate.get(), expected, rtol=RTOL[dtype], atol=0)
+    np.testing.assert_array_equal(previous.get(), start)
+    (launch,) = fake.launches
+    assert launch.name == f"gpudeconv_ba_extrapolate_{dtype}"
+    assert launch.argument_types == (f"{dtype}*", f"{dtype}*", "int32", dtype, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
+def test_rl_deviance_is_the_generic_version_on_cupy(fake, cupy_backend, dtype, weighted):
+    """The base class's xp-only deviance, run by the CuPy backend on device arrays."""
+    assert type(cupy_backend).rl_deviance is Backend.rl_deviance
+    d = damped_data(dtype)
+    weight = d["weight"] if weighted else None
+    background = float(backgrounds(dtype)["sky"])
+    expected = NumPyBackend().rl_deviance(
+        d["observed"], d["blurred"], weight, background=background
+    )
+    cp = fake.cupy
+    blurred = cp.asarray(d["blurred"])
+    deviance = cupy_backend.rl_deviance(
+        cp.asarray(d["observed"]),
+        blurred,
+        None if weight is None else cp.asarray(weight),
+        background=background,
+    )
+    assert type(deviance) is float
+    assert deviance == pytest.approx(expected, rel=1e-12)  # the same operations, one block
+    np.testing.assert_array_equal(blurred.get(), d["blurred"])  # read, not reused
+    assert fake.launches == []
 
 
 def test_rl_steps_refuse_bad_scalars_before_launching(fake, cupy_backend):
@@ -186,7 +370,16 @@ def test_rl_steps_refuse_bad_scalars_before_launching(fake, cupy_backend):
         cupy_backend.rl_ratio(
             cp.asarray(d["observed"]), cp.asarray(d["blurred"]), background=np.inf
         )
+    blurred = cp.asarray(d["blurred"])
+    with pytest.raises(GpudeconvError, match="damping power must be a finite number >= 1"):
+        cupy_backend.rl_ratio(cp.asarray(d["observed"]), blurred, damping=(0.5, 0.5))
+    with pytest.raises(GpudeconvError, match="TV strength must be a finite number >= 0"):
+        cupy_backend.rl_tv_norm(estimate, correction, blurred, strength=-1.0, epsilon=1.0)
+    previous = cp.asarray(d["estimate"])
+    with pytest.raises(GpudeconvError, match=r"alpha must be a number in \[0, 1\)"):
+        cupy_backend.ba_extrapolate(estimate, previous, 1.0)
     np.testing.assert_array_equal(estimate.get(), d["estimate"])
+    np.testing.assert_array_equal(blurred.get(), d["blurred"])
     assert fake.launches == []
 
 
@@ -242,7 +435,7 @@ def test_numpy_input_on_the_cupy_backend_comes_back_as_numpy(fake):
 def test_launch_mistakes_are_caught(fake, cupy_backend):
     cp = fake.cupy
     a = cp.ones(300, np.float32)
-    kernel = cupy_module()._rl_kernel("ratio", a)
+    kernel = cupy_module()._rl_kernel("rl_ratio", a)
     n, eps, sky, no = np.int32(a.size), np.float32(1e-12), np.float32(0.0), np.int32(0)
     kernel((2,), (256,), (a, a, a, a, n, eps, sky, no))  # the right call runs
     with pytest.raises(TypeError, match="pass np.int32.*got int"):
@@ -265,13 +458,13 @@ def test_launch_mistakes_are_caught(fake, cupy_backend):
         kernel((1,), (256,), (a[::2], a[::2], a[::2], a[::2], np.int32(150), eps, sky, no))
     with pytest.raises(kh.KernelError, match="AddressSanitizer"):
         kernel((2,), (256,), (a, a, a, a, np.int32(a.size + 1), eps, sky, no))  # n too large
-    update = cupy_module()._rl_kernel("update", a)
+    update = cupy_module()._rl_kernel("rl_update", a)
     bounds = (np.float32(-np.inf), np.float32(np.inf))
-    update((2,), (256,), (a, a, a, n, eps, *bounds, no, no))  # the right call runs
-    with pytest.raises(TypeError, match="argument 5 is a C float32: pass np.float32.*float64"):
-        update((2,), (256,), (a, a, a, n, eps, -np.inf, np.inf, no, no))  # np.inf is a float
-    with pytest.raises(TypeError, match="argument 8 is a C int32: pass np.int32.*got int64"):
-        update((2,), (256,), (a, a, a, n, eps, *bounds, no, False))  # a bool is a Python int
+    update((2,), (256,), (a, a, a, a, a, n, eps, *bounds, no, no, no, no))  # the right call runs
+    with pytest.raises(TypeError, match="argument 7 is a C float32: pass np.float32.*float64"):
+        update((2,), (256,), (a, a, a, a, a, n, eps, -np.inf, np.inf, no, no, no, no))  # a float
+    with pytest.raises(TypeError, match="argument 12 is a C int32: pass np.int32.*got int64"):
+        update((2,), (256,), (a, a, a, a, a, n, eps, *bounds, no, no, no, False))  # a Python int
 
 
 def test_a_backend_that_passes_python_ints_fails(fake, cupy_backend, monkeypatch):

@@ -176,11 +176,31 @@ def clamps(dtype: str) -> dict[str, tuple]:
     return {"both": (low, high), "lower": (low, None), "upper": (None, high), "equal": (low, low)}
 
 
-def launch_update(module, idx, dtype, grid, block, d, *, with_norm, clamp, has_clamp):
-    """The update kernel on a copy of ``d["estimate"]``; ``clamp`` = (lower, upper), None open."""
+def launch_update(
+    module,
+    idx,
+    dtype,
+    grid,
+    block,
+    d,
+    *,
+    with_norm,
+    clamp,
+    has_clamp,
+    floor=None,
+    change=None,
+    has_floor=None,
+    has_change=None,
+):
+    """The update kernel on a copy of ``d["estimate"]``; ``clamp`` = (lower, upper), None open.
+
+    ``floor`` (read) and ``change`` (written in place) are passed where given, else stand-ins;
+    their flags follow them unless ``has_floor`` / ``has_change`` say otherwise."""
     lower, upper = clamp
     scalar = dtype_type(dtype)
     estimate = d["estimate"].copy()
+    has_floor = floor is not None if has_floor is None else has_floor
+    has_change = change is not None if has_change is None else has_change
     module.launch(
         f"gpudeconv_rl_update_{dtype}",
         grid,
@@ -189,12 +209,16 @@ def launch_update(module, idx, dtype, grid, block, d, *, with_norm, clamp, has_c
             estimate,
             d["correction"],
             d["norm"] if with_norm else d["correction"],
+            d["correction"] if floor is None else floor,
+            estimate if change is None else change,
             index_scalar(idx, estimate.size),
             d["floor"],
             scalar(-np.inf if lower is None else lower),
             scalar(np.inf if upper is None else upper),
             np.int32(with_norm),
             np.int32(has_clamp),
+            np.int32(has_floor),
+            np.int32(has_change),
         ),
     )
     return estimate
@@ -224,8 +248,9 @@ def check_update(
 
 def test_rl_steps_entry_points(rl_steps):
     module, _ = rl_steps
+    steps = ("rl_ratio", "rl_damped_ratio", "rl_update", "rl_tv_norm", "ba_extrapolate")
     assert sorted(module.names) == sorted(
-        f"gpudeconv_rl_{op}_{dtype}" for op in ("ratio", "update") for dtype in RTOL
+        f"gpudeconv_{op}_{dtype}" for op in steps for dtype in RTOL
     )
 
 
@@ -333,7 +358,8 @@ def plain_update(d, *, with_norm: bool) -> np.ndarray:
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("with_norm", [True, False], ids=["norm", "no-norm"])
 def test_rl_update_without_clamp_is_the_formula_bit_for_bit(rl_steps, dtype, with_norm):
-    """has_clamp = 0, even with tight bounds beside it: the plain update, NaN pixels and all."""
+    """has_clamp = 0, even with tight bounds beside it: the plain update, NaN pixels and all;
+    likewise has_floor and has_change."""
     module, idx = rl_steps
     d = clamp_data(dtype)
     expected = plain_update(d, with_norm=with_norm)
@@ -344,6 +370,287 @@ def test_rl_update_without_clamp_is_the_formula_bit_for_bit(rl_steps, dtype, wit
         )
         np.testing.assert_array_equal(estimate, expected)
     assert (expected > tight[1]).sum() > 50 and np.isnan(expected).sum() == 3
+    # has_floor = has_change = 0 beside a floor above most pixels and a change buffer: both
+    # ignored, the buffer untouched
+    change = np.full(SHAPE, -7.0, dtype)
+    floor = np.full(SHAPE, np.nanmax(expected), dtype)
+    estimate = launch_update(
+        module,
+        idx,
+        dtype,
+        (3,),
+        (32,),
+        d,
+        with_norm=with_norm,
+        clamp=tight,
+        has_clamp=False,
+        floor=floor,
+        change=change,
+        has_floor=False,
+        has_change=False,
+    )
+    np.testing.assert_array_equal(estimate, expected)
+    assert (change == -7.0).all()
+
+
+# ---------------------------------------------------------------------------- damped ratio
+#: The deviance d log(d/m) - d + m cancels where d ~ m: the 1-ulp differences between NumPy's
+#: float32 log (its SIMD version) and the C library's logf (or CUDA's) become about ulp / |x| of
+#: U (x = (d - m) / m), and r - 1 ~ N U^(N-1) x carries that times N - 1, so r may differ by
+#: up to about N (N - 1) ulp: 90 x 4 x 1.2e-7 = 4e-5 for N = 10 and NumPy's 4-ulp log. Measured
+#: 3.5e-6. float64 has no such differences here.
+DAMPED_RTOL = {"float32": 5e-5, "float64": 1e-12}
+#: (scale, power): damp 4% to 80% of the pixels of damped_data; a non-integer power too
+DAMPINGS = {"mild": (0.05, 10.0), "strong": (0.5, 10.0), "power-2.5": (0.2, 2.5)}
+
+
+def damped_data(dtype: str) -> dict[str, np.ndarray]:
+    """rl_data with pixels without photons (a tenth of them under a faint model, where the
+    damped ratio is near 1 and the weight decides) and negative pixels (bias-subtracted noise)."""
+    d = rl_data(dtype)
+    observed, blurred = d["observed"].reshape(-1), d["blurred"].reshape(-1)
+    spots = np.random.default_rng(11).choice(observed.size, 40, replace=False)
+    observed[spots[:30]] = 0.0
+    blurred[spots[:10]] = 0.3
+    observed[spots[30:]] = -2.0
+    return d
+
+
+def launch_damped_ratio(module, idx, dtype, grid, block, d, *, weighted, damping, background):
+    """The damped ratio kernel in place on a copy of ``d["blurred"]``, as the backend runs it."""
+    scalar = dtype_type(dtype)
+    scale, power = damping
+    ratio = d["blurred"].copy()
+    module.launch(
+        f"gpudeconv_rl_damped_ratio_{dtype}",
+        grid,
+        block,
+        (
+            d["observed"],
+            ratio,
+            d["weight"] if weighted else d["observed"],
+            ratio,
+            index_scalar(idx, ratio.size),
+            d["eps"],
+            background,
+            scalar(scale),
+            scalar(power),
+            np.int32(weighted),
+        ),
+    )
+    return ratio
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("grid", "block"), LAUNCHES)
+@pytest.mark.parametrize("level", ["none", "sky", "negative"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
+def test_rl_damped_ratio_matches_numpy(rl_steps, dtype, grid, block, level, weighted):
+    module, idx = rl_steps
+    d = damped_data(dtype)
+    background = backgrounds(dtype)[level]
+    weight = d["weight"] if weighted else None
+    plain = numpy_backend().rl_ratio(
+        d["observed"], d["blurred"].copy(), weight, background=background
+    )
+    dark_pixels = 0
+    for damping in DAMPINGS.values():
+        expected = numpy_backend().rl_ratio(
+            d["observed"], d["blurred"].copy(), weight, background=background, damping=damping
+        )
+        ratio = launch_damped_ratio(
+            module,
+            idx,
+            dtype,
+            grid,
+            block,
+            d,
+            weighted=weighted,
+            damping=damping,
+            background=background,
+        )
+        np.testing.assert_allclose(ratio, expected, rtol=DAMPED_RTOL[dtype], atol=0)
+        assert np.isfinite(ratio).all()
+        damped = np.abs(expected - plain) > 1e-3 * np.abs(plain)
+        assert 50 < damped.sum() < damped.size - 50  # both branches of the formula ran
+        # no photons under a faint model (U < 0.1): the damped ratio is near 1, not 0 as the
+        # plain one, so only the weight can make it 0
+        model = np.maximum(d["blurred"] + background, d["eps"])
+        dark = (d["observed"] == 0) & (2 * damping[0] * model < 0.1)
+        seen = dark & (d["weight"] > 0) if weighted else dark
+        assert (ratio[seen] > 0.9).all() and (ratio[dark & ~seen] == 0).all()
+        dark_pixels += seen.sum()
+    assert dark_pixels >= 10 or level == "sky"  # a sky shifts every model above 1
+
+
+# ---------------------------------------------------------------------------- floor and change
+def floor_data(dtype: str) -> dict[str, np.ndarray]:
+    """clamp_data with a per-pixel floor about the updated values' median (20 pixels NaN: a
+    NaN floor raises nothing) as ``pixel_floor``."""
+    d = clamp_data(dtype)
+    rng = np.random.default_rng(12)
+    updated = d["estimate"].copy()
+    numpy_backend().rl_update(updated, d["correction"].copy(), d["norm"])
+    floor = (np.nanmedian(updated) * rng.uniform(0.5, 1.5, SHAPE)).astype(dtype)
+    floor.reshape(-1)[rng.choice(floor.size, 20, replace=False)] = np.nan
+    d["pixel_floor"] = floor
+    return d
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("grid", "block"), LAUNCHES)
+@pytest.mark.parametrize("with_norm", [True, False], ids=["norm", "no-norm"])
+@pytest.mark.parametrize("variant", ["floor", "change", "floor-change", "clamp-floor-change"])
+def test_rl_update_with_floor_and_change_matches_numpy(
+    rl_steps, dtype, grid, block, with_norm, variant
+):
+    module, idx = rl_steps
+    d = floor_data(dtype)
+    floor = d["pixel_floor"] if "floor" in variant else None
+    tracks = "change" in variant
+    clamp = clamps(dtype)["both"] if variant.startswith("clamp") else (None, None)
+    expected = d["estimate"].copy()
+    expected_change = np.full(SHAPE, np.nan, dtype) if tracks else None
+    numpy_backend().rl_update(
+        expected,
+        d["correction"].copy(),
+        d["norm"] if with_norm else None,
+        lower=clamp[0],
+        upper=clamp[1],
+        floor=floor,
+        change=expected_change,
+    )
+    change = np.full(SHAPE, np.nan, dtype) if tracks else None
+    estimate = launch_update(
+        module,
+        idx,
+        dtype,
+        grid,
+        block,
+        d,
+        with_norm=with_norm,
+        clamp=clamp,
+        has_clamp=clamp != (None, None),
+        floor=floor,
+        change=change,
+    )
+    np.testing.assert_allclose(estimate, expected, rtol=RTOL[dtype], atol=0)
+    assert np.isnan(estimate).sum() == 3  # comparisons: NaN stays NaN, a NaN floor is no floor
+    if floor is not None:
+        compared = ~np.isnan(floor) & ~np.isnan(estimate)
+        assert (estimate[compared] >= floor[compared]).all()
+        assert (estimate == floor).sum() > 200  # the floor raised pixels
+    if tracks:  # one subtraction from the value before the step, exactly
+        np.testing.assert_array_equal(change, estimate - d["estimate"])
+        np.testing.assert_allclose(change, expected_change, rtol=RTOL[dtype], atol=0)
+
+
+# ---------------------------------------------------------------------------- TV normalization
+#: (strength, epsilon): a mild regularization, and a strong one that reaches the n / 2 bound
+TV_SETTINGS = {"mild": (0.002, 1.0), "strong": (0.3, 0.5)}
+
+
+def tv_data(dtype: str, *, ring: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy star field as the estimate, norm between 0.2 and 1 with 20 pixels below the
+    floor and, with ``ring``, a one-pixel border at the floor (RL's unobserved ring); without
+    it every edge pixel computes its (one-sided) divergence."""
+    rng = np.random.default_rng(13)
+    estimate = sky(rng, dtype)
+    norm = rng.uniform(0.2, 1.0, SHAPE).astype(dtype)
+    floor = dtype_type(dtype)(norm_floor())
+    norm.reshape(-1)[rng.choice(norm.size, 20, replace=False)] = floor * dtype_type(dtype)(0.5)
+    if ring:
+        norm[0], norm[-1], norm[:, 0], norm[:, -1] = floor, floor, floor, floor
+    return estimate, norm
+
+
+def launch_tv_norm(module, idx, dtype, grid, block, estimate, norm, *, strength, epsilon):
+    scalar = dtype_type(dtype)
+    out = np.full(SHAPE, np.nan, dtype)
+    module.launch(
+        f"gpudeconv_rl_tv_norm_{dtype}",
+        grid,
+        block,
+        (
+            estimate,
+            norm,
+            out,
+            index_scalar(idx, out.size),
+            index_scalar(idx, out.shape[1]),
+            scalar(norm_floor()),
+            scalar(strength),
+            scalar(epsilon),
+        ),
+    )
+    return out
+
+
+def check_tv_norm(module, idx, dtype, grid, block, *, ring: bool, setting: str) -> np.ndarray:
+    strength, epsilon = TV_SETTINGS[setting]
+    estimate, norm = tv_data(dtype, ring=ring)
+    expected = np.full(SHAPE, np.nan, dtype)
+    numpy_backend().rl_tv_norm(estimate, norm, expected, strength=strength, epsilon=epsilon)
+    out = launch_tv_norm(
+        module, idx, dtype, grid, block, estimate, norm, strength=strength, epsilon=epsilon
+    )
+    np.testing.assert_allclose(out, expected, rtol=RTOL[dtype], atol=0)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("grid", "block"), LAUNCHES)
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "no-ring"])
+def test_rl_tv_norm_matches_numpy(rl_steps, dtype, grid, block, ring):
+    module, idx = rl_steps
+    _, norm = tv_data(dtype, ring=ring)
+    kept = norm <= dtype_type(dtype)(norm_floor())
+    for setting in TV_SETTINGS:
+        out = check_tv_norm(module, idx, dtype, grid, block, ring=ring, setting=setting)
+        np.testing.assert_array_equal(out[kept], norm[kept])  # no data behind: norm itself
+        assert (out[~kept] != norm[~kept]).mean() > 0.9  # the regularization acted
+        bounded = (out == norm * dtype_type(dtype)(0.5)) & ~kept
+        assert bounded.sum() > 10 if setting == "strong" else bounded.sum() == 0
+
+
+# ---------------------------------------------------------------------------- extrapolation
+def extrapolation_data(dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """A star field as the estimate, the previous estimate 0.2 to 3 times it (steps both
+    ways, some that would overshoot below 0), a few zero and NaN pixels in each."""
+    rng = np.random.default_rng(14)
+    estimate = sky(rng, dtype)
+    previous = (estimate * rng.uniform(0.2, 3.0, SHAPE)).astype(dtype)
+    estimate[0, :5] = 0.0
+    estimate.reshape(-1)[[100, 1500]] = np.nan
+    previous.reshape(-1)[[777]] = np.nan
+    return estimate, previous
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("grid", "block"), LAUNCHES)
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.95])
+def test_ba_extrapolate_matches_numpy(rl_steps, dtype, grid, block, alpha):
+    module, idx = rl_steps
+    start, before = extrapolation_data(dtype)
+    expected, expected_previous = start.copy(), before.copy()
+    numpy_backend().ba_extrapolate(expected, expected_previous, alpha)
+    scalar = dtype_type(dtype)
+    estimate, previous = start.copy(), before.copy()
+    module.launch(
+        f"gpudeconv_ba_extrapolate_{dtype}",
+        grid,
+        block,
+        (estimate, previous, index_scalar(idx, estimate.size), scalar(alpha), scalar(0.1)),
+    )
+    np.testing.assert_allclose(estimate, expected, rtol=RTOL[dtype], atol=0)
+    np.testing.assert_array_equal(previous, start)  # previous <- the estimate before the step
+    np.testing.assert_array_equal(expected_previous, start)
+    assert np.isnan(estimate).sum() == 3  # a NaN stays NaN, whichever array it came from
+    floored = estimate == start * scalar(0.1)
+    if alpha == 0.95:
+        assert (floored & (start > 0)).sum() > 50  # the floor held up overshooting pixels
+    if alpha > 0:
+        assert (estimate > start).sum() > 300  # and the others moved both ways
+        assert (estimate[start > 0] < start[start > 0]).sum() > 300
 
 
 # ---------------------------------------------------------------------------- broken kernels
@@ -356,7 +663,7 @@ def broken_rl_steps(old: str, new: str, count: int, emulation_cache):
 
 
 def test_harness_catches_a_wrong_grid_stride(emulation_cache):
-    module = broken_rl_steps("i += gpudeconv_grid_stride()", "i += blockDim.x", 2, emulation_cache)
+    module = broken_rl_steps("i += gpudeconv_grid_stride()", "i += blockDim.x", 5, emulation_cache)
     # Every block now redoes the pixels of the blocks after it: in-place steps go wrong.
     with pytest.raises(AssertionError, match="Not equal to tolerance"):
         check_update(module, "int", "float32", (3,), (32,), with_norm=False)
@@ -365,7 +672,7 @@ def test_harness_catches_a_wrong_grid_stride(emulation_cache):
 
 
 def test_harness_catches_a_read_past_the_end(emulation_cache):
-    module = broken_rl_steps("i < n; i +=", "i <= n; i +=", 2, emulation_cache)
+    module = broken_rl_steps("i < n; i +=", "i <= n; i +=", 5, emulation_cache)
     with pytest.raises(kh.KernelError, match="AddressSanitizer"):
         check_update(module, "int", "float64", (3,), (32,), with_norm=True)
 
@@ -442,6 +749,136 @@ def test_a_clamp_that_ignores_has_clamp_fails(emulation_cache):
     )
     with pytest.raises(AssertionError, match="Mismatched elements"):
         np.testing.assert_array_equal(estimate, plain_update(d, with_norm=True))
+
+
+def check_floor_and_change(module, idx, dtype):
+    """The update with a floor and a change against the NumPy backend."""
+    d = floor_data(dtype)
+    expected = d["estimate"].copy()
+    expected_change = np.zeros(SHAPE, dtype)
+    numpy_backend().rl_update(
+        expected, d["correction"].copy(), d["norm"], floor=d["pixel_floor"], change=expected_change
+    )
+    change = np.zeros(SHAPE, dtype)
+    estimate = launch_update(
+        module,
+        idx,
+        dtype,
+        (3,),
+        (32,),
+        d,
+        with_norm=True,
+        clamp=(None, None),
+        has_clamp=False,
+        floor=d["pixel_floor"],
+        change=change,
+    )
+    np.testing.assert_allclose(estimate, expected, rtol=RTOL[dtype], atol=0)
+    np.testing.assert_allclose(change, expected_change, rtol=RTOL[dtype], atol=0)
+
+
+def check_damped(module, idx, dtype):
+    d = damped_data(dtype)
+    background = backgrounds(dtype)["none"]  # pixels without photons under a faint model
+    for damping in DAMPINGS.values():
+        expected = numpy_backend().rl_ratio(
+            d["observed"], d["blurred"].copy(), d["weight"], background=background, damping=damping
+        )
+        ratio = launch_damped_ratio(
+            module,
+            idx,
+            dtype,
+            (3,),
+            (32,),
+            d,
+            weighted=True,
+            damping=damping,
+            background=background,
+        )
+        np.testing.assert_allclose(ratio, expected, rtol=DAMPED_RTOL[dtype], atol=0)
+
+
+def check_extrapolate(module, idx, dtype):
+    start, before = extrapolation_data(dtype)
+    expected, expected_previous = start.copy(), before.copy()
+    numpy_backend().ba_extrapolate(expected, expected_previous, 0.5)
+    estimate, previous = start.copy(), before.copy()
+    scalar = dtype_type(dtype)
+    module.launch(
+        f"gpudeconv_ba_extrapolate_{dtype}",
+        (3,),
+        (32,),
+        (estimate, previous, index_scalar(idx, estimate.size), scalar(0.5), scalar(0.1)),
+    )
+    np.testing.assert_allclose(estimate, expected, rtol=RTOL[dtype], atol=0)
+    np.testing.assert_allclose(previous, expected_previous, rtol=RTOL[dtype], atol=0)
+
+
+def check_tv(module, idx, dtype):
+    for setting in TV_SETTINGS:
+        check_tv_norm(module, idx, dtype, (3,), (32,), ring=False, setting=setting)
+
+
+WRONG_NEW_STEPS = {
+    # the exponent N instead of N - 1
+    "damped-power": (
+        [("gpudeconv_pow(misfit, order)", "gpudeconv_pow(misfit, power)")],
+        check_damped,
+    ),
+    # the deviance without its d <= 0 branch: 0 log 0 is NaN where there are no photons
+    "damped-no-dark-branch": (
+        [
+            (
+                "d > (T)0 ? (T)2 * (d * gpudeconv_log(d / m) - d + m) : (T)2 * m",
+                "(T)2 * (d * gpudeconv_log(d / m) - d + m)",
+            )
+        ],
+        check_damped,
+    ),
+    # fmax picks the floor for a NaN pixel
+    "floor-fmax": ([("if (u < f) u = f;", "u = fmax(u, f);")], check_floor_and_change),
+    # the change measured from the unclamped, unfloored value
+    "change-too-early": (
+        [
+            ("        if (has_change) {\n            change[i] = u - old;\n        }\n", ""),
+            (
+                "        if (has_clamp) {",
+                "        if (has_change) change[i] = u - old;\n        if (has_clamp) {",
+            ),
+        ],
+        check_floor_and_change,
+    ),
+    # TV without the neighbour above, or with the left neighbour's gy from the wrong row
+    "tv-no-upper": (
+        [("div = div - agy / tv_length(agx, agy, eps2);", "")],
+        check_tv,
+    ),
+    "tv-left-gy-row": (
+        [("estimate[i - 1 + width] - left", "estimate[i + width] - left")],
+        check_tv,
+    ),
+    # previous overwritten before it is read: no extrapolation at all
+    "extrapolate-order": (
+        [
+            ("        previous[i] = u;\n", ""),
+            (
+                "        const T lowest = floor_fraction * u;\n",
+                "        const T lowest = floor_fraction * u;\n        previous[i] = u;\n",
+            ),
+        ],
+        check_extrapolate,
+    ),
+}
+
+
+@pytest.mark.parametrize("mutant", list(WRONG_NEW_STEPS))
+def test_a_wrong_new_step_fails(emulation_cache, mutant):
+    """Each check passes on the real kernel and fails on a plausible mistake in it."""
+    edits, check = WRONG_NEW_STEPS[mutant]
+    check(kh.build_kernel("rl_steps.cu", IDX="int", cache_dir=emulation_cache), "int", "float64")
+    broken = broken_rl_steps_edited(edits, emulation_cache)
+    with pytest.raises(AssertionError, match="Not equal to tolerance|nan location mismatch"):
+        check(broken, "int", "float64")
 
 
 # ---------------------------------------------------------------------------- the emulation itself
@@ -653,10 +1090,12 @@ def test_launch_checks_arguments_like_a_strict_cupy(rl_steps):
         module.launch(name, (1,), (2048,), (a, a, a, a, n, eps, sky, one))
     update = "gpudeconv_rl_update_float32"
     bounds = (np.float32(0.0), np.float32(1.0))
-    with pytest.raises(TypeError, match="takes 9 arguments"):
-        module.launch(update, (1,), (8,), (a, a, a, n, eps, *bounds, one))  # has_clamp forgotten
-    with pytest.raises(TypeError, match="argument 8 is a C int32: pass np.int32"):
-        module.launch(update, (1,), (8,), (a, a, a, n, eps, *bounds, one, True))
+    flags = (one, one, one)
+    module.launch(update, (1,), (8,), (a, a, a, a, a, n, eps, *bounds, *flags, one))
+    with pytest.raises(TypeError, match="takes 13 arguments"):
+        module.launch(update, (1,), (8,), (a, a, a, a, a, n, eps, *bounds, *flags))  # has_change
+    with pytest.raises(TypeError, match="argument 12 is a C int32: pass np.int32"):
+        module.launch(update, (1,), (8,), (a, a, a, a, a, n, eps, *bounds, *flags, True))
 
 
 def test_entry_point_discovery_ignores_comments():

@@ -26,9 +26,15 @@ __all__ = [
     "MemoryInfo",
     "NORM_FLOOR",
     "RATIO_EPS",
+    "check_like",
+    "check_tv_arrays",
     "is_cupy_array",
+    "poisson_deviance",
     "validate_background",
     "validate_bounds",
+    "validate_damping",
+    "validate_extrapolation",
+    "validate_tv",
 ]
 
 #: Guard of the RL ratio ``d / max(Hu, eps)``: a normal float32 number (CuPy compiles with
@@ -79,6 +85,125 @@ def validate_bounds(lower, upper) -> tuple[float, float] | None:
         )
         raise GpudeconvError(msg)
     return bounds
+
+
+def validate_damping(damping) -> tuple[float, float] | None:
+    """``rl_ratio``'s damping as ``(scale, power)`` floats, None without damping; a scale that
+    is not positive and finite or a power below 1 (or not finite) is a ``GpudeconvError``."""
+    if damping is None:
+        return None
+    try:
+        scale, power = (float(value) for value in damping)
+    except (TypeError, ValueError):
+        msg = (
+            f"damping must be None or a pair (scale, power) of numbers, e.g. (0.25, 10), "
+            f"got {damping!r}"
+        )
+        raise GpudeconvError(msg) from None
+    if not (math.isfinite(scale) and scale > 0):
+        msg = (
+            f"the damping scale must be a positive finite number (1 / T**2 to damp pixels that "
+            f"the model fits within T noise sigmas), got {scale!r}"
+        )
+        raise GpudeconvError(msg)
+    # power < 1 would raise U**(power - 1) to a negative power: infinite where U = 0
+    if not (math.isfinite(power) and power >= 1):
+        msg = (
+            f"the damping power must be a finite number >= 1 (White's N, typically 10; 1 damps "
+            f"nothing), got {power!r}"
+        )
+        raise GpudeconvError(msg)
+    return scale, power
+
+
+def validate_tv(strength, epsilon) -> tuple[float, float]:
+    """``rl_tv_norm``'s ``(strength, epsilon)`` as floats: a finite strength >= 0 and a
+    positive finite epsilon, else ``GpudeconvError``."""
+    strength, epsilon = float(strength), float(epsilon)
+    if not (math.isfinite(strength) and strength >= 0):
+        msg = (
+            f"the TV strength must be a finite number >= 0 (typically 0.001 to 0.01, 0 for no "
+            f"regularization), got {strength!r}"
+        )
+        raise GpudeconvError(msg)
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        msg = (
+            f"the TV epsilon must be a positive finite number (a gradient, in the estimate's "
+            f"units, below which the image counts as flat), got {epsilon!r}"
+        )
+        raise GpudeconvError(msg)
+    return strength, epsilon
+
+
+def validate_extrapolation(alpha, floor_fraction) -> tuple[float, float]:
+    """``ba_extrapolate``'s ``(alpha, floor_fraction)`` as floats: alpha in [0, 1) and
+    floor_fraction in [0, 1], else ``GpudeconvError``."""
+    alpha, floor_fraction = float(alpha), float(floor_fraction)
+    if not 0 <= alpha < 1:
+        msg = (
+            f"alpha must be a number in [0, 1) (the Biggs-Andrews step length, 0 for no "
+            f"extrapolation), got {alpha!r}"
+        )
+        raise GpudeconvError(msg)
+    if not 0 <= floor_fraction <= 1:
+        msg = (
+            f"floor_fraction must be a number in [0, 1] (the least fraction of each pixel that "
+            f"the extrapolated estimate keeps, typically 0.1), got {floor_fraction!r}"
+        )
+        raise GpudeconvError(msg)
+    return alpha, floor_fraction
+
+
+def check_like(name: str, array, like, *, written: bool = False) -> None:
+    """``ValueError`` unless ``array`` has the shape of ``like`` and, where the step writes it
+    (``written``), its dtype and C order too: kernels index flat memory, so an array of another
+    shape would be read or written past its end, and an output cannot be converted on the way."""
+    if array.shape != like.shape:
+        msg = f"{name} must have the shape {like.shape} of the estimate, got {array.shape}"
+        raise ValueError(msg)
+    if written and (array.dtype != like.dtype or not array.flags.c_contiguous):
+        msg = (
+            f"{name} is written in place: it must be a C-contiguous {like.dtype} array, got a "
+            f"{'C' if array.flags.c_contiguous else 'non-C'}-contiguous {array.dtype} one"
+        )
+        raise ValueError(msg)
+
+
+def check_tv_arrays(estimate, norm, out, *, xp) -> None:
+    """``ValueError`` unless ``rl_tv_norm``'s arrays are 2-D of one shape, ``out`` is
+    C-contiguous in the estimate's dtype, and ``out`` shares no memory with the others (each
+    pixel's result reads its neighbours' inputs, which an aliased output would overwrite)."""
+    if estimate.ndim != 2:
+        msg = f"rl_tv_norm takes a 2-D estimate, got shape {estimate.shape}"
+        raise ValueError(msg)
+    check_like("norm", norm, estimate)
+    check_like("out", out, estimate, written=True)
+    if not estimate.flags.c_contiguous:
+        msg = "rl_tv_norm reads neighbours in flat memory: the estimate must be C-contiguous"
+        raise ValueError(msg)
+    for name, array in (("estimate", estimate), ("norm", norm)):
+        if xp.shares_memory(out, array):
+            msg = f"rl_tv_norm's out must be an array of its own: it shares memory with {name}"
+            raise ValueError(msg)
+
+
+def poisson_deviance(observed, model, *, xp):
+    """The Poisson deviance of each pixel, ``2 (d log(d / m) - d + m)`` (``2 m`` where
+    ``d <= 0``), in the arrays' dtype; ``model`` must be positive (the guarded ``H u + b``).
+
+    Written as ``kernels/rl_steps.cu`` writes it, operation by operation, so that the damped
+    ratio's NumPy twin rounds as the kernel does. Rounding can make the bracket slightly
+    negative where ``d`` is close to ``m``: it is raised to 0, the deviance's true lower bound
+    (a negative one would give NaN in ``U ** (power - 1)`` for a non-integer power).
+    """
+    positive = observed > 0
+    data = xp.where(positive, observed, model)  # log(m / m) = 0: no warning where d <= 0
+    deviance = data * xp.log(data / model)
+    deviance -= data
+    deviance += model
+    deviance *= 2
+    deviance = xp.where(positive, deviance, 2 * model)
+    return xp.maximum(deviance, 0, out=deviance)
 
 
 @dataclass(frozen=True)
@@ -293,12 +418,37 @@ class Backend(abc.ABC):
 
     # ------------------------------------------------------------------ fused RL steps
     @abc.abstractmethod
-    def rl_ratio(self, observed, blurred, weight=None, *, background: float = 0.0):
+    def rl_ratio(
+        self,
+        observed,
+        blurred,
+        weight=None,
+        *,
+        background: float = 0.0,
+        damping: tuple[float, float] | None = None,
+    ):
         """``weight * observed / max(blurred + background, RATIO_EPS)`` in one pass.
 
         May reuse ``blurred`` for the result. ``background`` is a constant level ``b`` (sky,
         bias) of the Poisson model ``observed ~ P(H u + b)``, in the units of ``blurred``; it
         must be finite (``GpudeconvError`` otherwise). 0 gives the plain RL ratio bit for bit.
+
+        ``damping = (scale, power)`` gives White's (1994) damped ratio instead: with
+        ``m = max(blurred + background, RATIO_EPS)``, ``d = observed`` and
+        ``U = scale * dev``, ``dev`` the pixel's Poisson deviance (:func:`poisson_deviance`),
+        the ratio is ``1 + U**(power-1) * (power - (power-1) * U) * (d - m) / m`` where
+        ``U < 1`` and ``d / m`` elsewhere: pixels that the model already fits within the
+        noise (``scale = 1 / T**2`` for a threshold of ``T`` sigmas with data in counts,
+        times the counts per unit otherwise) pull the estimate no further, which stops RL from
+        fitting the noise. The damped ratio is not 0 where ``d`` is, so the weight matters on
+        every pixel. ``scale`` must be positive and finite, ``power`` (typically 10) finite
+        and at least 1 (``GpudeconvError``); None (the default) is the plain ratio, bit for
+        bit and at its speed.
+
+        References
+        ----------
+        .. [1] White, R. L. (1994), "Image restoration using the damped Richardson-Lucy
+               method", Proc. SPIE 2198, 1342. :doi:`10.1117/12.176813`
         """
 
     @abc.abstractmethod
@@ -310,6 +460,8 @@ class Backend(abc.ABC):
         *,
         lower: float | None = None,
         upper: float | None = None,
+        floor=None,
+        change=None,
     ) -> None:
         """``estimate *= correction / norm`` in place, in one pass, then clamped if asked.
 
@@ -317,10 +469,74 @@ class Backend(abc.ABC):
         ``NORM_FLOOR`` the pixel has no data behind it and keeps its value; without ``norm``
         every pixel is multiplied by ``correction``. ``lower`` and ``upper`` (None: no bound on
         that side) then clamp every pixel of the new estimate, kept ones included, to
-        ``[lower, upper]`` by comparisons: a NaN pixel stays NaN. Without them the step is the
-        plain update, bit for bit. A NaN bound or ``lower > upper`` raises ``GpudeconvError``
-        (a ``ValueError``).
+        ``[lower, upper]`` by comparisons: a NaN pixel stays NaN. A NaN bound or
+        ``lower > upper`` raises ``GpudeconvError`` (a ``ValueError``).
+
+        ``floor``, an array of the estimate's shape, then raises each pixel to at least its
+        ``floor`` value (after the clamp, by comparison: a NaN pixel stays NaN), e.g. to hold
+        up the dark rings that RL digs beside bright stars. ``change``, an array of the
+        estimate's shape and dtype (C-contiguous), receives ``new - old`` of every pixel, the
+        step that acceleration and stopping rules measure. Without ``lower``, ``upper``,
+        ``floor`` and ``change`` the step is the plain update, bit for bit and at its speed.
+        May use ``correction`` as scratch space.
         """
+
+    @abc.abstractmethod
+    def rl_tv_norm(self, estimate, norm, out, *, strength: float, epsilon: float):
+        """``out = norm - strength * div(grad u / |grad u|)`` of the 2-D estimate ``u``, in one
+        pass: the total-variation normalization of RL (Dey et al. 2006), to pass to
+        :meth:`rl_update` as its ``norm``.
+
+        ``grad`` is the forward difference (0 across the last column and row), ``|g|`` is
+        ``sqrt(gx**2 + gy**2 + epsilon**2)`` and ``div`` the backward difference, the exact
+        negative adjoint of ``grad``. Where ``norm <= NORM_FLOOR`` (no data behind the pixel)
+        ``out`` is ``norm``; elsewhere at least ``norm / 2``, so that a strong regularization
+        can at most double a pixel's update. ``strength`` must be finite and ``>= 0``,
+        ``epsilon`` positive and finite (``GpudeconvError``). The three arrays are 2-D of one
+        shape; ``out`` (C-contiguous, the estimate's dtype) must share memory with neither of
+        the others (``ValueError``). Returns ``out``.
+
+        References
+        ----------
+        .. [1] Dey, N. et al. (2006), "Richardson-Lucy algorithm with total variation
+               regularization for 3D confocal microscope deconvolution", Microsc. Res. Tech.
+               69, 260. :doi:`10.1002/jemt.20294`
+        """
+
+    @abc.abstractmethod
+    def ba_extrapolate(self, estimate, previous, alpha: float, *, floor_fraction: float = 0.1):
+        """Biggs and Andrews' (1997) extrapolation of the estimate, in place, in one pass:
+        ``previous <- u`` and ``estimate <- max(u + alpha (u - p), floor_fraction * u)`` with
+        ``u`` the estimate and ``p`` the previous estimate.
+
+        The floor keeps the extrapolated estimate positive where the estimate is (RL cannot
+        move a pixel away from 0). ``alpha`` must be in [0, 1), ``floor_fraction`` in [0, 1]
+        (``GpudeconvError``); both arrays are written, C-contiguous, of one shape and dtype.
+
+        References
+        ----------
+        .. [1] Biggs, D. S. C. & Andrews, M. (1997), "Acceleration of iterative image
+               restoration algorithms", Applied Optics 36, 1766. :doi:`10.1364/AO.36.001766`
+        """
+
+    def rl_deviance(self, observed, blurred, weight=None, *, background: float = 0.0) -> float:
+        """The weighted Poisson deviance ``sum(weight * dev)`` of the model
+        ``m = max(blurred + background, RATIO_EPS)`` (:func:`poisson_deviance`), summed in
+        float64: twice the log-likelihood ratio of the data under the model against a perfect
+        fit, about one per observed pixel when the model fits to the noise (in counts).
+
+        Reads its arguments only (``blurred`` stays for :meth:`rl_ratio`). This version is
+        written with ``xp`` alone and runs on any backend; returning a float waits for the
+        device.
+        """
+        xp = self.xp
+        dtype = blurred.dtype
+        shift = dtype.type(validate_background(background))
+        model = xp.maximum(blurred + shift, dtype.type(RATIO_EPS))
+        deviance = poisson_deviance(xp.asarray(observed, dtype=dtype), model, xp=xp)
+        if weight is not None:
+            deviance *= weight
+        return float(deviance.sum(dtype=xp.float64))
 
     # ------------------------------------------------------------------ facts
     @abc.abstractmethod

@@ -21,8 +21,13 @@ from ._base import (
     Backend,
     CostRates,
     MemoryInfo,
+    check_like,
+    check_tv_arrays,
     validate_background,
     validate_bounds,
+    validate_damping,
+    validate_extrapolation,
+    validate_tv,
 )
 from ._kernels import BLOCK, MAX_BLOCKS, SV_MAX_SIZE, index_type, kernel_source, sv_launch
 
@@ -66,20 +71,21 @@ def _compile(source: str, names: list[str], **defines: str):
     return module
 
 
+#: The entry points of ``kernels/rl_steps.cu``, ``gpudeconv_<step>_<dtype>``.
+_RL_STEPS = ("rl_ratio", "rl_damped_ratio", "rl_update", "rl_tv_norm", "ba_extrapolate")
+
+
 @cupy.memoize(for_each_device=True)
 def _rl_steps_module(index: str):
     """``kernels/rl_steps.cu`` compiled for the current device, once per index type."""
-    names = [
-        f"gpudeconv_rl_{step}_{dtype}"
-        for step in ("ratio", "update")
-        for dtype in ("float32", "float64")
-    ]
+    names = [f"gpudeconv_{step}_{dtype}" for step in _RL_STEPS for dtype in ("float32", "float64")]
     return _compile("rl_steps.cu", names, IDX=index)
 
 
 def _rl_kernel(step: str, array):
+    """The entry point of ``step`` (one of ``_RL_STEPS``) for ``array``'s dtype and size."""
     module = _rl_steps_module(index_type(array.size))
-    return module.get_function(f"gpudeconv_rl_{step}_{array.dtype.name}")
+    return module.get_function(f"gpudeconv_{step}_{array.dtype.name}")
 
 
 @cupy.memoize(for_each_device=True)
@@ -217,29 +223,44 @@ class CuPyBackend(Backend):
 
     # ------------------------------------------------------------------ fused RL steps
     # The kernels read raw pointers: every array is made C-contiguous in the kernel's dtype
-    # (a no-op in the RL loop, where they already are).
-    def rl_ratio(self, observed, blurred, weight=None, *, background: float = 0.0):
+    # (a no-op in the RL loop, where they already are). Arrays the kernels write must be so
+    # already. An optional array left out is replaced by one the kernel has anyway, which its
+    # flag (0) keeps it from reading or writing.
+    def rl_ratio(
+        self,
+        observed,
+        blurred,
+        weight=None,
+        *,
+        background: float = 0.0,
+        damping: tuple[float, float] | None = None,
+    ):
         background = validate_background(background)
+        damping = validate_damping(damping)
         ratio = cupy.ascontiguousarray(blurred)
         dtype = ratio.dtype
         observed = cupy.ascontiguousarray(observed, dtype=dtype)
         has_weight = weight is not None
         weight = cupy.ascontiguousarray(weight, dtype=dtype) if has_weight else observed
         grid, block = _launch_shape(ratio.size)
-        _rl_kernel("ratio", ratio)(
-            grid,
-            block,
-            (
-                observed,
-                ratio,
-                weight,
-                ratio,
-                _index(ratio),
-                dtype.type(RATIO_EPS),
-                dtype.type(background),
-                np.int32(has_weight),
-            ),
-        )
+        shared = (observed, ratio, weight, ratio, _index(ratio), dtype.type(RATIO_EPS))
+        if damping is None:
+            _rl_kernel("rl_ratio", ratio)(
+                grid, block, (*shared, dtype.type(background), np.int32(has_weight))
+            )
+        else:
+            scale, power = damping
+            _rl_kernel("rl_damped_ratio", ratio)(
+                grid,
+                block,
+                (
+                    *shared,
+                    dtype.type(background),
+                    dtype.type(scale),
+                    dtype.type(power),
+                    np.int32(has_weight),
+                ),
+            )
         return ratio
 
     def rl_update(
@@ -250,6 +271,8 @@ class CuPyBackend(Backend):
         *,
         lower: float | None = None,
         upper: float | None = None,
+        floor=None,
+        change=None,
     ) -> None:
         bounds = validate_bounds(lower, upper)
         if not estimate.flags.c_contiguous:
@@ -261,20 +284,73 @@ class CuPyBackend(Backend):
         norm = cupy.ascontiguousarray(norm, dtype=dtype) if has_norm else correction
         has_clamp = bounds is not None
         lower, upper = bounds if has_clamp else (-np.inf, np.inf)  # not read without a clamp
+        has_floor = floor is not None
+        if has_floor:
+            check_like("floor", floor, estimate)
+            floor = cupy.ascontiguousarray(floor, dtype=dtype)
+        has_change = change is not None
+        if has_change:
+            check_like("change", change, estimate, written=True)
         grid, block = _launch_shape(estimate.size)
-        _rl_kernel("update", estimate)(
+        _rl_kernel("rl_update", estimate)(
             grid,
             block,
             (
                 estimate,
                 correction,
                 norm,
+                floor if has_floor else correction,
+                change if has_change else estimate,
                 _index(estimate),
                 dtype.type(NORM_FLOOR),
                 dtype.type(lower),
                 dtype.type(upper),
                 np.int32(has_norm),
                 np.int32(has_clamp),
+                np.int32(has_floor),
+                np.int32(has_change),
+            ),
+        )
+
+    def rl_tv_norm(self, estimate, norm, out, *, strength: float, epsilon: float):
+        strength, epsilon = validate_tv(strength, epsilon)
+        check_tv_arrays(estimate, norm, out, xp=cupy)
+        dtype = estimate.dtype
+        norm = cupy.ascontiguousarray(norm, dtype=dtype)
+        grid, block = _launch_shape(estimate.size)
+        _rl_kernel("rl_tv_norm", estimate)(
+            grid,
+            block,
+            (
+                estimate,
+                norm,
+                out,
+                _index(estimate),
+                _index(estimate, estimate.shape[1]),
+                dtype.type(NORM_FLOOR),
+                dtype.type(strength),
+                dtype.type(epsilon),
+            ),
+        )
+        return out
+
+    def ba_extrapolate(self, estimate, previous, alpha: float, *, floor_fraction: float = 0.1):
+        alpha, floor_fraction = validate_extrapolation(alpha, floor_fraction)
+        if not estimate.flags.c_contiguous:
+            msg = "ba_extrapolate writes the estimate in place: it must be C-contiguous"
+            raise ValueError(msg)
+        check_like("previous", previous, estimate, written=True)
+        dtype = estimate.dtype
+        grid, block = _launch_shape(estimate.size)
+        _rl_kernel("ba_extrapolate", estimate)(
+            grid,
+            block,
+            (
+                estimate,
+                previous,
+                _index(estimate),
+                dtype.type(alpha),
+                dtype.type(floor_fraction),
             ),
         )
 
@@ -348,6 +424,8 @@ _FP32_LANES_PER_SM = {
 }
 
 
-def _index(array):
-    """The element count as the C type the kernel was compiled with (a Python int is 64-bit)."""
-    return np.int64(array.size) if index_type(array.size) == "long long" else np.int32(array.size)
+def _index(array, value=None):
+    """``value`` (the element count by default) as the C index type the kernel was compiled with
+    for ``array`` (a Python int would be passed as a 64-bit one)."""
+    value = array.size if value is None else value
+    return np.int64(value) if index_type(array.size) == "long long" else np.int32(value)

@@ -19,11 +19,17 @@ from ._base import (
     Backend,
     CostRates,
     MemoryInfo,
+    check_like,
+    check_tv_arrays,
+    poisson_deviance,
     validate_background,
     validate_bounds,
+    validate_damping,
+    validate_extrapolation,
+    validate_tv,
 )
 from ._fftplans import fftw_available, get_plan
-from ._parallel import by_rows
+from ._parallel import by_row_ranges, by_rows, map_rows
 
 __all__ = ["NumPyBackend"]
 
@@ -166,9 +172,24 @@ class NumPyBackend(Backend):
         return operation(x, kernel, output=out, mode="constant", cval=0.0)
 
     # ------------------------------------------------------------------ fused RL steps
-    def rl_ratio(self, observed, blurred, weight=None, *, background: float = 0.0):
+    def rl_ratio(
+        self,
+        observed,
+        blurred,
+        weight=None,
+        *,
+        background: float = 0.0,
+        damping: tuple[float, float] | None = None,
+    ):
         background = blurred.dtype.type(validate_background(background))
-        if background == 0:  # the RL loop's hot path: no shift pass
+        damping = validate_damping(damping)
+        if damping is not None:
+            scale, power = (blurred.dtype.type(value) for value in damping)
+            damped = functools.partial(
+                _damped_ratio, background=background, scale=scale, power=power
+            )
+            by_rows(damped, observed, blurred, weight)
+        elif background == 0:  # the RL loop's hot path: no shift pass
             if weight is None:
                 by_rows(_ratio, observed, blurred)
             else:
@@ -188,20 +209,57 @@ class NumPyBackend(Backend):
         *,
         lower: float | None = None,
         upper: float | None = None,
+        floor=None,
+        change=None,
     ) -> None:
         bounds = validate_bounds(lower, upper)
-        if bounds is None:  # the RL loop's hot path
+        if bounds is None and floor is None and change is None:  # the RL loop's hot path
             if norm is None:
                 by_rows(np.multiply, estimate, correction, estimate)
             else:
                 by_rows(_normalized_update, estimate, correction, norm)
             return
-        lower, upper = (estimate.dtype.type(bound) for bound in bounds)
-        if norm is None:
-            update, arrays = _product, (estimate, correction)
-        else:
-            update, arrays = _normalized_update, (estimate, correction, norm)
-        by_rows(functools.partial(_clamped, update, lower=lower, upper=upper), *arrays)
+        if floor is not None:
+            check_like("floor", floor, estimate)
+            # compared in the estimate's dtype, as the kernel compares
+            floor = np.asarray(floor, dtype=estimate.dtype)
+        if change is not None:
+            check_like("change", change, estimate, written=True)
+        if bounds is not None:
+            bounds = tuple(estimate.dtype.type(bound) for bound in bounds)
+        step = functools.partial(_extended_update, bounds=bounds)
+        by_rows(step, estimate, correction, norm, floor, change)
+
+    def rl_tv_norm(self, estimate, norm, out, *, strength: float, epsilon: float):
+        strength, epsilon = validate_tv(strength, epsilon)
+        check_tv_arrays(estimate, norm, out, xp=np)
+        scalar = estimate.dtype.type
+        epsilon = scalar(epsilon)
+        stencil = functools.partial(
+            _tv_norm_rows,
+            estimate,
+            np.asarray(norm, dtype=estimate.dtype),
+            out,
+            strength=scalar(strength),
+            eps2=epsilon * epsilon,  # rounded as the kernel rounds it
+        )
+        by_row_ranges(stencil, estimate.shape[0], estimate.size)
+        return out
+
+    def ba_extrapolate(self, estimate, previous, alpha: float, *, floor_fraction: float = 0.1):
+        alpha, floor_fraction = validate_extrapolation(alpha, floor_fraction)
+        check_like("previous", previous, estimate, written=True)
+        scalar = estimate.dtype.type
+        step = functools.partial(
+            _extrapolate, alpha=scalar(alpha), floor_fraction=scalar(floor_fraction)
+        )
+        by_rows(step, estimate, previous)
+
+    def rl_deviance(self, observed, blurred, weight=None, *, background: float = 0.0) -> float:
+        # The base class's version, on row blocks in parallel with a partial sum per block.
+        background = blurred.dtype.type(validate_background(background))
+        partial = functools.partial(_deviance_sum, background=background)
+        return float(sum(map_rows(partial, observed, blurred, weight)))
 
     # ------------------------------------------------------------------ facts
     def peak_memory(self, function) -> int:
@@ -245,11 +303,11 @@ class NumPyBackend(Backend):
         return f"{_cpu_name()} ({os.cpu_count()} cores, {self.fft_library})"
 
 
-# The scalar arguments of the fused steps, checked once per call for both backends (the CuPy
-# backend imports these: the package has no other module both backends read that may hold them).
-# The NumPy twins of kernels/rl_steps.cu, applied to row blocks by by_rows. The plain steps are
-# the RL loop's hot path; the background and clamp variants are separate functions so that the
-# plain ones pay nothing for them.
+# The NumPy twins of kernels/rl_steps.cu, applied to row blocks by by_rows (the TV stencil by
+# by_row_ranges, with a row of halo). The plain steps are the RL loop's hot path; the background,
+# damping, clamp, floor and change variants are separate functions so that the plain ones pay
+# nothing for them. The twins of steps with transcendental functions or many roundings (damped
+# ratio, TV, extrapolation) repeat the kernel's operations in its order and in the arrays' dtype.
 def _ratio(observed, blurred):
     np.maximum(blurred, RATIO_EPS, out=blurred)
     np.divide(observed, blurred, out=blurred)
@@ -271,8 +329,25 @@ def _weighted_shifted_ratio(observed, blurred, weight, *, background):
     blurred *= weight
 
 
-def _product(estimate, correction):
-    estimate *= correction
+def _damped_ratio(observed, blurred, weight, *, background, scale, power):
+    # everything in blurred's dtype (the scalars too), so that float32 rounds as in the kernel
+    observed = observed.astype(blurred.dtype, copy=False)
+    blurred += background
+    model = np.maximum(blurred, RATIO_EPS, out=blurred)
+    misfit = poisson_deviance(observed, model, xp=np)
+    misfit *= scale
+    order = power - 1
+    # computed everywhere and kept where U < 1: elsewhere U**(N-1) may overflow, unused
+    with np.errstate(over="ignore", invalid="ignore"):
+        damped = np.power(misfit, order)
+        damped *= power - order * misfit
+        damped *= (observed - model) / model
+    damped += 1
+    fitted = misfit < 1
+    np.divide(observed, model, out=blurred)
+    np.copyto(blurred, damped, where=fitted)
+    if weight is not None:
+        blurred *= weight
 
 
 def _normalized_update(estimate, correction, norm):
@@ -284,8 +359,91 @@ def _normalized_update(estimate, correction, norm):
     estimate *= correction
 
 
-def _clamped(update, estimate, *factors, lower, upper):
-    # Every pixel, kept ones included, as the kernel does; np.clip compares like the kernel's
-    # comparisons (a NaN stays NaN, -0 stays -0) and runs at the speed of one multiply.
-    update(estimate, *factors)
-    np.clip(estimate, lower, upper, out=estimate)
+def _extended_update(estimate, correction, norm, floor, change, *, bounds):
+    # The kernel's order: update, clamp, floor, then the change from the value before. np.clip
+    # compares like the kernel's comparisons (a NaN stays NaN, -0 stays -0) and runs at the
+    # speed of one multiply; the floor is a masked copy for the same reasons.
+    if change is not None:
+        np.copyto(change, estimate)
+    if norm is None:
+        estimate *= correction
+    else:
+        _normalized_update(estimate, correction, norm)
+    if bounds is not None:
+        np.clip(estimate, *bounds, out=estimate)
+    if floor is not None:
+        np.copyto(estimate, floor, where=estimate < floor)
+    if change is not None:
+        np.subtract(estimate, change, out=change)
+
+
+def _tv_norm_rows(estimate, norm, out, start, stop, *, strength, eps2):
+    # Rows start:stop of out, from the unit gradients of the estimate's rows start - 1 (the
+    # upper neighbours' ny) to stop - 1, with the kernel's operations in its order.
+    top = max(start - 1, 0)
+    nx, ny = _gradient(estimate, top, stop)
+    length = nx * nx
+    length += ny * ny
+    length += eps2
+    np.sqrt(length, out=length)
+    nx /= length
+    ny /= length
+    own = start - top  # 1 where the block has a row above it, else 0
+    div = _divergence(nx[own:], ny[own:], ny[0] if own else None)
+    block = norm[start:stop]
+    regularized = np.multiply(div, strength, out=div)
+    np.subtract(block, regularized, out=regularized)
+    np.maximum(regularized, block * 0.5, out=regularized)  # a NaN stays NaN, as in the kernel
+    kept = block <= NORM_FLOOR
+    regularized[kept] = block[kept]
+    out[start:stop] = regularized
+
+
+def _gradient(image, start, stop):
+    """The forward differences ``(gx, gy)`` of rows ``start:stop`` of the 2-D ``image`` (row
+    ``stop`` read too): ``gx[i, j] = u[i, j+1] - u[i, j]``, 0 on the last column;
+    ``gy[i, j] = u[i+1, j] - u[i, j]``, 0 on the image's last row."""
+    rows = image[start:stop]
+    gx = np.zeros_like(rows)
+    np.subtract(rows[:, 1:], rows[:, :-1], out=gx[:, :-1])
+    gy = np.zeros_like(rows)
+    below = image[start + 1 : stop + 1]  # one row short where stop is the image's last row
+    np.subtract(below, rows[: len(below)], out=gy[: len(below)])
+    return gx, gy
+
+
+def _divergence(px, py, py_above=None):
+    """The backward differences ``px[i, j] - px[i, j-1] + py[i, j] - py[i-1, j]`` of a block of
+    rows, ``px`` taken as 0 left of the first column and ``py`` above the first row as
+    ``py_above`` (the row above the block; None: the image's first row, 0 above it).
+
+    Over a whole image it is the negative adjoint of :func:`_gradient` for fields that are 0
+    where the gradient is (``px`` on the last column, ``py`` on the last row), as the unit
+    gradients of TV are. Summed in the kernel's order: ``((px - px_left) + py) - py_above``.
+    """
+    div = np.empty_like(px)
+    div[:, 0] = px[:, 0]
+    np.subtract(px[:, 1:], px[:, :-1], out=div[:, 1:])
+    div += py
+    if py_above is not None:
+        div[0] -= py_above
+    div[1:] -= py[:-1]
+    return div
+
+
+def _extrapolate(estimate, previous, *, alpha, floor_fraction):
+    step = np.subtract(estimate, previous)
+    np.copyto(previous, estimate)
+    step *= alpha
+    step += estimate  # u + alpha (u - p)
+    lowest = np.multiply(estimate, floor_fraction, out=estimate)
+    np.maximum(step, lowest, out=estimate)  # a NaN stays NaN, as in the kernel
+
+
+def _deviance_sum(observed, blurred, weight, *, background):
+    model = blurred + background
+    np.maximum(model, RATIO_EPS, out=model)
+    deviance = poisson_deviance(observed.astype(model.dtype, copy=False), model, xp=np)
+    if weight is not None:
+        deviance *= weight
+    return float(deviance.sum(dtype=np.float64))
