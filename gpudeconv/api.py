@@ -10,9 +10,33 @@ from ._errors import GpudeconvError
 from .backend import Backend
 from .restore import richardson_lucy
 
-__all__ = ["deconvolve", "METHODS"]
+__all__ = ["deconvolve", "METHODS", "method_options"]
 
-METHODS = ("rl",)
+#: rl: Richardson-Lucy; rl-tv: with total-variation regularization; damped: White's damped RL;
+#: wiener: the closed-form Wiener filter.
+METHODS = ("rl", "rl-tv", "damped", "wiener")
+
+
+def method_options(method: str, regularization: float | None = None) -> dict:
+    """The `richardson_lucy` options of an RL ``method``, ``regularization`` its strength
+    (None: the method's default): the TV weight of ``'rl-tv'``, the damping threshold in noise
+    sigmas of ``'damped'``; ``'rl'`` takes none."""
+    from .restore.rl import DEFAULT_DAMPING, DEFAULT_TV
+
+    if method not in METHODS:
+        msg = f"method must be one of {', '.join(METHODS)}, got {method!r}"
+        raise GpudeconvError(msg)
+    if method == "rl-tv":
+        return {"regularization": DEFAULT_TV if regularization is None else regularization}
+    if method == "damped":
+        return {"damping": DEFAULT_DAMPING if regularization is None else regularization}
+    if regularization is not None:
+        msg = (
+            f"regularization sets the strength of rl-tv (TV weight) or damped (threshold in "
+            f"noise sigmas); method {method!r} takes none: drop it or choose one of those"
+        )
+        raise GpudeconvError(msg)
+    return {}
 
 
 def deconvolve(
@@ -24,6 +48,7 @@ def deconvolve(
     backend: str | Backend | None = None,
     tile: int | None = None,
     psf_grid: tuple[int, int] | None = None,
+    regularization: float | None = None,
     **options,
 ):
     """Deconvolve an image (array or path) with the chosen method.
@@ -36,8 +61,10 @@ def deconvolve(
         The PSF, or a field of PSFs that varies across the image. None (the default) estimates
         it from the image's stars with `gpudeconv.estimate_psf` (Moffat model; colour images
         on the sum of their channels, one PSF for all).
-    method : {'rl'}
-        Richardson-Lucy.
+    method : {'rl', 'rl-tv', 'damped', 'wiener'}
+        Richardson-Lucy; with total-variation regularization; White's damped RL; the Wiener
+        filter (one PSF, no iterations: `gpudeconv.restore.wiener`). The RL methods fit the
+        noise model estimated from the image (``noise='auto'``) unless ``noise=None`` is given.
     iterations : int
     backend : {'auto', 'numpy', 'cupy'} or Backend, optional
     tile : int, optional
@@ -46,17 +73,20 @@ def deconvolve(
         does not fit the memory budget, and is restored whole otherwise.
     psf_grid : (ny, nx) tuple of int, optional
         With ``psf=None``: estimate a `PSFField` on this grid of nodes instead of one PSF.
+    regularization : float, optional
+        The strength of ``'rl-tv'`` (TV weight, default 0.002) or ``'damped'`` (threshold in
+        noise sigmas, default 1).
     **options
-        Passed to the method (``progress``, ``callback`` for ``'rl'``).
+        Passed to the method: `richardson_lucy`'s options (``accelerate``, ``stop``,
+        ``dering``, ``saturation``, ``luminance``, ``noise``, ``progress``...) or
+        `gpudeconv.restore.wiener`'s (``nsr``).
 
     Returns
     -------
     restored : ndarray
         float32 (float64 for float64 input), same shape as the image.
     """
-    if method not in METHODS:
-        msg = f"method must be one of {', '.join(METHODS)}, got {method!r}"
-        raise GpudeconvError(msg)
+    extra = method_options(method, regularization)
     if psf is not None and psf_grid is not None:
         msg = (
             "psf_grid sets the grid of a PSF field estimated from the stars (psf=None); drop it "
@@ -96,7 +126,12 @@ def deconvolve(
         from .io import read_image
 
         image, _ = read_image(image)
-    return richardson_lucy(image, psf, iterations, backend=backend, **options)
+    if method == "wiener":
+        from .restore.wiener import wiener
+
+        return wiener(image, psf, backend=backend, **options)
+    options.setdefault("noise", "auto")
+    return richardson_lucy(image, psf, iterations, backend=backend, **extra, **options)
 
 
 def _fits_in_memory(image, psf) -> bool:

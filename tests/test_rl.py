@@ -200,8 +200,20 @@ def test_deconvolve_entry_reads_paths_and_refuses_missing_psf(tmp_path):
     path = tmp_path / "in.fits"
     gd.write_image(path, image)
     psf = gd.psf.gaussian(2.0, size=7)
+    # the high-level entry fits the noise model estimated from the image
     np.testing.assert_allclose(
-        gd.deconvolve(path, psf, iterations=3), gd.richardson_lucy(image, psf, 3), rtol=1e-6
+        gd.deconvolve(path, psf, iterations=3),
+        gd.richardson_lucy(image, psf, 3, noise="auto"),
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        gd.deconvolve(path, psf, iterations=3, noise=None),
+        gd.richardson_lucy(image, psf, 3),
+        rtol=1e-6,
+    )
+    tv = gd.deconvolve(image, psf, method="rl-tv", iterations=3, regularization=0.01)
+    np.testing.assert_allclose(
+        tv, gd.richardson_lucy(image, psf, 3, noise="auto", regularization=0.01), rtol=1e-6
     )
     with pytest.raises(GpudeconvError, match="PSF"):
         gd.deconvolve(image)

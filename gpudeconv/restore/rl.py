@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -12,8 +14,9 @@ from ..backend import Backend, backend_for, is_cupy_array
 from ..operators import Convolution, SpatiallyVaryingConvolution
 from ..psf import PSFField, validate_psf
 from ..psf.field import FieldWindow
+from .noise import NoiseModel, estimate_noise
 
-__all__ = ["richardson_lucy"]
+__all__ = ["ChannelInfo", "RestorationInfo", "richardson_lucy"]
 
 #: More iterations than this are legal but almost always over-sharpen noise into artefacts.
 MANY_ITERATIONS = 500
@@ -87,22 +90,252 @@ def _operators(psf, image_shape, channels: int, is_colour: bool, backend: Backen
     return [Convolution(plane, backend) for plane in host_psf]
 
 
+#: The Biggs-Andrews step never extrapolates further than this (an alpha near 1 overshoots).
+MAX_ACCELERATION = 0.95
+#: Default strengths of the regularized methods, tuned on `gpudeconv.synthetic.make_scene`
+#: deep-sky scenes (tests/test_restore_quality.py holds the measurements they must keep).
+DEFAULT_TV = 0.005
+DEFAULT_DAMPING = 3.0
+#: White's (1994) exponent of the damping function: the damped ratio is flat up to about the
+#: threshold and joins the plain ratio smoothly above it.
+DAMPING_POWER = 10.0
+STOP_RULES = ("noise", "change")
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The options of the RL steps, validated once for all channels."""
+
+    noise: object = None  # None (plain Poisson RL), "auto", a NoiseModel, or one per channel
+    background: float | None = None
+    read_noise: float | None = None
+    gain: float | None = None
+    regularization: float = 0.0
+    damping: float | None = None
+    accelerate: bool = False
+    stop: str | None = None
+    tolerance: float = 1e-3
+    dering: float = 0.0
+    saturation: object = None  # None, "auto" or a level in data units
+    record: bool = False
+
+    @property
+    def needs_noise(self) -> bool:
+        return (
+            self.noise is not None
+            or self.damping is not None
+            or self.stop == "noise"
+            or any(v is not None for v in (self.background, self.read_noise, self.gain))
+        )
+
+
+@dataclass
+class ChannelInfo:
+    """What happened to one channel (or to the luminance) in `richardson_lucy`.
+
+    Attributes
+    ----------
+    iterations : int
+        Iterations run.
+    stopped : str
+        Why it ended: ``'iterations'`` (all ran), ``'noise'`` (the data term reached the noise
+        level), ``'change'`` (the estimate changed less than the tolerance), ``'no data'``.
+    data_term : list of float
+        The data term before each update, as a reduced Poisson deviance: the mean over observed
+        pixels of the deviance in noise units, about 1 when the model fits the data to its noise
+        (recorded when asked for, or needed by the stopping rule or acceleration).
+    noise : NoiseModel or None
+        The noise model of the data term (None: plain Poisson RL on the data as given).
+    saturated : int
+        Pixels left out of the data term as saturated (the detected ones and their neighbours).
+    saturation : float or None
+        The saturation level used.
+    restarts : int
+        Biggs-Andrews restarts after the data term grew.
+    """
+
+    iterations: int = 0
+    stopped: str = "iterations"
+    data_term: list = field(default_factory=list)
+    noise: object = None
+    saturated: int = 0
+    saturation: float | None = None
+    restarts: int = 0
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly dict (no NaN)."""
+        noise = None
+        if self.noise is not None:
+            noise = {
+                key: (_finite(value) if isinstance(value, float) else value)
+                for key, value in asdict(self.noise).items()
+            }
+        return {
+            "iterations": self.iterations,
+            "stopped": self.stopped,
+            "data_term": [_finite(v) for v in self.data_term],
+            "noise": noise,
+            "saturated_pixels": self.saturated,
+            "saturation": _finite(self.saturation),
+            "restarts": self.restarts,
+        }
+
+
+@dataclass
+class RestorationInfo:
+    """What `richardson_lucy` did, returned with ``return_info=True``.
+
+    Attributes
+    ----------
+    channels : list of ChannelInfo
+        One per channel; one (the luminance) in luminance mode.
+    options : dict
+        The options in effect (method parameters, defaults filled in).
+    """
+
+    channels: list
+    options: dict
+
+    @property
+    def iterations(self) -> int:
+        """The most iterations any channel ran."""
+        return max((c.iterations for c in self.channels), default=0)
+
+    @property
+    def stopped(self) -> str:
+        """Why the iterations ended (channels that ended differently are joined by '/')."""
+        reasons = dict.fromkeys(c.stopped for c in self.channels)
+        return "/".join(reasons)
+
+    def to_dict(self) -> dict:
+        """A JSON-friendly dict (no NaN)."""
+        return {
+            "iterations": self.iterations,
+            "stopped": self.stopped,
+            "options": dict(self.options),
+            "channels": [c.to_dict() for c in self.channels],
+        }
+
+
+def _finite(value):
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _settings(
+    noise,
+    background,
+    read_noise,
+    gain,
+    regularization,
+    damping,
+    accelerate,
+    stop,
+    tolerance,
+    dering,
+    saturation,
+    record,
+    channels,
+) -> _Settings:
+    if isinstance(noise, str) and noise != "auto":
+        msg = f"noise must be None, 'auto' or a NoiseModel (one per channel), got {noise!r}"
+        raise GpudeconvError(msg)
+    if isinstance(noise, (list, tuple)):
+        if len(noise) != channels or not all(isinstance(n, NoiseModel) for n in noise):
+            msg = f"noise must hold one NoiseModel per channel ({channels}), got {noise!r}"
+            raise GpudeconvError(msg)
+        noise = tuple(noise)
+    elif noise is not None and noise != "auto" and not isinstance(noise, NoiseModel):
+        msg = f"noise must be None, 'auto' or a NoiseModel, got {type(noise).__name__}"
+        raise GpudeconvError(msg)
+    for name, value in (("background", background), ("read_noise", read_noise), ("gain", gain)):
+        if value is not None and not (
+            isinstance(value, (int, float, np.number)) and math.isfinite(value)
+        ):
+            msg = f"{name} must be a finite number or None (estimated), got {value!r}"
+            raise GpudeconvError(msg)
+    if (read_noise is None) != (gain is None):
+        msg = (
+            "read_noise (electrons) and gain (electrons per ADU) go together: give both or neither"
+        )
+        raise GpudeconvError(msg)
+    regularization = _non_negative("regularization", regularization, "e.g. 0.002")
+    if damping is not None:
+        damping = _non_negative("damping", damping, "a threshold in noise sigmas, e.g. 1")
+        if damping == 0:
+            damping = None
+    if stop is not None and stop not in STOP_RULES:
+        msg = f"stop must be None, 'noise' or 'change', got {stop!r}"
+        raise GpudeconvError(msg)
+    tolerance = _non_negative("tolerance", tolerance, "a relative change, e.g. 0.001")
+    dering = _non_negative("dering", dering, "a strength from 0 (off) to 1")
+    if dering > 1:
+        msg = f"dering must be a strength from 0 (off) to 1 (full), got {dering!r}"
+        raise GpudeconvError(msg)
+    if saturation is not None and saturation != "auto":
+        if not (isinstance(saturation, (int, float, np.number)) and math.isfinite(saturation)):
+            msg = f"saturation must be None, 'auto' or a level in data units, got {saturation!r}"
+            raise GpudeconvError(msg)
+        saturation = float(saturation)
+    return _Settings(
+        noise=noise,
+        background=None if background is None else float(background),
+        read_noise=None if read_noise is None else float(read_noise),
+        gain=None if gain is None else float(gain),
+        regularization=regularization,
+        damping=damping,
+        accelerate=bool(accelerate),
+        stop=stop,
+        tolerance=tolerance,
+        dering=dering,
+        saturation=saturation,
+        record=bool(record),
+    )
+
+
+def _non_negative(name: str, value, example: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        msg = f"{name} must be a number, got {value!r}; {example}"
+        raise GpudeconvError(msg)
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        msg = f"{name} must be a finite number >= 0, got {value!r}; {example}"
+        raise GpudeconvError(msg)
+    return value
+
+
 def richardson_lucy(
     image,
     psf,
     iterations: int = 30,
     *,
     backend: str | Backend | None = None,
+    noise=None,
+    background: float | None = None,
+    read_noise: float | None = None,
+    gain: float | None = None,
+    regularization: float = 0.0,
+    damping: float | None = None,
+    accelerate: bool = False,
+    stop: str | None = None,
+    tolerance: float = 1e-3,
+    dering: float = 0.0,
+    saturation=None,
+    luminance: bool = False,
+    return_info: bool = False,
     progress: bool = False,
     callback: Callable[[int, int], None] | None = None,
 ):
-    """Restore a blurred image by Richardson-Lucy iterations.
+    """Restore a blurred image by Richardson-Lucy iterations, plain or regularized.
 
     Parameters
     ----------
     image : (H, W) or (C, H, W) ndarray (NumPy or CuPy)
-        The observed image; colour channel-first, restored channel by channel. Non-finite pixels
-        are no-data: they carry no weight in the fit and come back as NaN.
+        The observed image; colour channel-first, restored channel by channel (or by its
+        luminance, ``luminance=True``). Non-finite pixels are no-data: they carry no weight in
+        the fit and come back as NaN.
     psf : (k, k) or (C, k, k) array_like, or PSFField or FieldWindow (or one per channel)
         The PSF, odd sides, normalized to sum 1 internally; one for all channels or one each.
         A :class:`~gpudeconv.PSFField` made for this image's shape restores with a PSF that
@@ -110,9 +343,55 @@ def richardson_lucy(
         ``field.window(y0, x0, H, W)`` restores a tile of the field's image with its own part of
         the field.
     iterations : int
-        Number of iterations (10 to 50 is typical; more sharpens noise).
+        Most iterations to run (10 to 50 is typical; more sharpens noise). A stopping rule may
+        end earlier.
     backend : {'auto', 'numpy', 'cupy'} or Backend, optional
         Where to compute; NumPy input comes back as NumPy, CuPy input as CuPy.
+    noise : None, 'auto', NoiseModel or list of NoiseModel
+        The data term. None (default): plain Poisson RL on the data as given (negative data is
+        lifted by a pedestal). ``'auto'``: sky background and noise estimated from each channel
+        (:func:`~gpudeconv.restore.noise.estimate_noise`), and the Poisson-plus-Gaussian data
+        term of Snyder et al. [4]_: the sky is a known background under the restored light, so
+        faint sky is neither driven to zero nor sharpened into grain. A NoiseModel (one per
+        channel) gives the model itself (the tile driver measures one for the whole mosaic).
+        Damping, ``stop='noise'`` and any of the next three parameters imply ``'auto'``.
+    background : float, optional
+        Sky level (data units) of the noise model instead of the estimate.
+    read_noise, gain : float, optional
+        Read noise in electrons and gain in electrons per data unit, both or neither: the
+        Gaussian part of the noise model instead of the estimate.
+    regularization : float
+        Total-variation strength :math:`\\lambda` (Dey et al. [5]_), 0 for none; 0.002 to 0.01
+        is typical. Smooths noise while keeping edges.
+    damping : float, optional
+        White's damped RL [6]_: stop fitting where the model is within this many noise sigmas
+        of the data (1 is typical); None for none.
+    accelerate : bool
+        Biggs-Andrews vector extrapolation [7]_: about half the iterations for the same fit, with
+        non-negativity kept and a restart whenever the data term grows.
+    stop : {None, 'noise', 'change'}
+        End early when the data term reaches the noise level (the mean deviance per observed
+        pixel falls to 1), or when the estimate changes by less than ``tolerance`` (relative RMS)
+        in one iteration. The reason is in the returned info.
+    tolerance : float
+        The relative change of ``stop='change'``.
+    dering : float
+        0 (off) to 1 (full): the estimate may not fall below a smooth lower envelope of the
+        observed image (a grey opening as wide as the PSF, smoothed; a few noise sigmas under
+        the local background, nebulosity included) less ``1 / dering - 1`` noise sigmas: the
+        dark rings that RL digs around bright stars are held near the local background, as
+        PixInsight's deringing does. 1 holds them at the envelope, 0.5 one sigma under it.
+    saturation : None, 'auto' or float
+        Pixels at or above this level, and their neighbours, are left out of the data term, so
+        saturated stars keep their flux and grow no dark rings: ``'auto'`` takes the data's
+        maximum plateau (`~gpudeconv.restore.noise.saturation_level`).
+    luminance : bool
+        Colour only: restore the luminance (the mean of the channels) and put the original
+        chrominance back (each channel gains the luminance's change), for noisy colour data.
+        One PSF for all channels (per-channel PSFs are averaged).
+    return_info : bool
+        Also return a :class:`RestorationInfo` (iterations, why they stopped, the data term of
+        every iteration, the noise models).
     progress : bool
         Show a tqdm progress bar over all iterations of all channels.
     callback : callable(done, total), optional
@@ -122,19 +401,25 @@ def richardson_lucy(
     -------
     restored : ndarray, shape of ``image``
         float32, or float64 for float64 input.
+    info : RestorationInfo
+        With ``return_info=True`` only.
 
     Notes
     -----
-    Each iteration, with :math:`H` the blur and :math:`w` the data weights (0 on no-data),
+    Each iteration, with :math:`H` the blur, :math:`w` the data weights (0 on no-data and
+    saturated pixels), :math:`b` the background and :math:`\\alpha` the read-noise shift,
 
-    .. math:: u \\leftarrow \\frac{u}{H^T w} \\cdot H^T\\!\\left(\\frac{w\\, d}{H u}\\right)
+    .. math:: u \\leftarrow
+              \\frac{u}{H^T w - \\lambda\\,\\mathrm{div}\\frac{\\nabla u}{|\\nabla u|}}
+              \\cdot H^T\\!\\left(\\frac{w\\,[d + \\alpha]_+}{H u + b + \\alpha}\\right)
 
-    Inside the frame :math:`H^T w = 1` and this is the plain iteration of [1]_ and [2]_. The
-    estimate starts from the observed image. The image is padded by reflection by the PSF
-    radius, and the estimate reaches one more radius beyond, unobserved (:math:`w = 0`) [3]_, so
-    borders neither darken nor ring and a flat image stays flat. Data with negative values is
-    lifted by a constant pedestal for the fit (with a warning) and lowered after, since RL
-    needs non-negative data.
+    (:math:`b = \\alpha = 0` for plain RL; the restored image is :math:`u + b`). Inside the frame
+    :math:`H^T w = 1` and without the TV term this is the plain iteration of [1]_ and [2]_. The
+    damped ratio replaces the ratio by White's damped form. The estimate starts from the
+    observed image. The image is padded by reflection by the PSF radius, and the estimate
+    reaches one more radius beyond, unobserved (:math:`w = 0`) [3]_, so borders neither darken
+    nor ring and a flat image stays flat. Every option is a parameter of the same four steps
+    (forward, ratio, adjoint, update), fused into single passes on the GPU.
 
     References
     ----------
@@ -145,15 +430,73 @@ def richardson_lucy(
     .. [3] Bertero, M. & Boccacci, P. (2005), "A simple method for the reduction of boundary
            effects in the Richardson-Lucy approach to image deconvolution", A&A 437, 369.
            :doi:`10.1051/0004-6361:20052717`
+    .. [4] Snyder, D. L., Hammoud, A. M. & White, R. L. (1993), "Image recovery from data
+           acquired with a charge-coupled-device camera", JOSA A 10, 1014.
+           :doi:`10.1364/JOSAA.10.001014`
+    .. [5] Dey, N. et al. (2006), "Richardson-Lucy algorithm with total variation
+           regularization for 3D confocal microscope deconvolution", Microsc. Res. Tech. 69, 260.
+           :doi:`10.1002/jemt.20294`
+    .. [6] White, R. L. (1994), "Image restoration using the damped Richardson-Lucy method",
+           Proc. SPIE 2198, 1342. :doi:`10.1117/12.176813`
+    .. [7] Biggs, D. S. C. & Andrews, M. (1997), "Acceleration of iterative image restoration
+           algorithms", Applied Optics 36, 1766. :doi:`10.1364/AO.36.001766`
     """
     backend = backend_for(image, backend)
     _validate_image(image)
     iterations = _validate_iterations(iterations)
     is_colour = image.ndim == 3
     channels = image.shape[0] if is_colour else 1
-    operators = _operators(psf, image.shape[-2:], channels, is_colour, backend)
+    if luminance and not is_colour:
+        msg = "luminance=True restores the luminance of a colour (C, H, W) image; this is 2-D"
+        raise GpudeconvError(msg)
+    settings = _settings(
+        noise,
+        background,
+        read_noise,
+        gain,
+        regularization,
+        damping,
+        accelerate,
+        stop,
+        tolerance,
+        dering,
+        saturation,
+        return_info,
+        1 if luminance else channels,
+    )
     dtype = backend.float_dtype(image.dtype)
     data = backend.asarray(image, dtype=dtype)
+    if luminance:
+        from .colour import luminance as luminance_of
+        from .colour import recombine
+
+        before = luminance_of(data)
+        after, info = richardson_lucy(
+            before,
+            _mean_psf(psf, channels, backend),
+            iterations,
+            backend=backend,
+            noise=noise,
+            background=background,
+            read_noise=read_noise,
+            gain=gain,
+            regularization=regularization,
+            damping=damping,
+            accelerate=accelerate,
+            stop=stop,
+            tolerance=tolerance,
+            dering=dering,
+            saturation=saturation,
+            return_info=True,
+            progress=progress,
+            callback=callback,
+        )
+        result = recombine(data, before, after)
+        info.options["luminance"] = True
+        result = result if is_cupy_array(image) else backend.to_host(result)
+        return (result, info) if return_info else result
+
+    operators = _operators(psf, image.shape[-2:], channels, is_colour, backend)
     planes = data if is_colour else data[None]
 
     total = iterations * channels
@@ -168,19 +511,78 @@ def richardson_lucy(
         if callback is not None:
             callback(done, total)
 
+    infos = []
     try:
         restored = backend.xp.empty_like(planes)
         for index in range(channels):
-            restored[index] = _restore_plane(planes[index], operators[index], iterations, step)
+            plane_settings = settings
+            if isinstance(settings.noise, tuple):
+                plane_settings = replace(settings, noise=settings.noise[index])
+            before = done
+            restored[index], plane_info = _restore_plane(
+                planes[index], operators[index], iterations, step, plane_settings, info=True
+            )
+            infos.append(plane_info)
+            # a channel that stopped early hands its remaining iterations to the bar at once
+            while done < before + iterations:
+                step()
     finally:
         if bar is not None:
             bar.close()
     result = restored if is_colour else restored[0]
-    return result if is_cupy_array(image) else backend.to_host(result)
+    result = result if is_cupy_array(image) else backend.to_host(result)
+    if not return_info:
+        return result
+    return result, RestorationInfo(infos, _options_of(settings, iterations, luminance=False))
 
 
-def _restore_plane(observed, operator, iterations: int, step):
-    """RL on one 2-D plane on ``operator``'s backend; returns the restored plane.
+def _options_of(settings: _Settings, iterations: int, *, luminance: bool) -> dict:
+    noise = settings.noise
+    if isinstance(noise, NoiseModel) or isinstance(noise, tuple):
+        noise = "given"
+    elif noise is None and settings.needs_noise:
+        noise = "auto"
+    saturation = settings.saturation
+    return {
+        "iterations": iterations,
+        "noise": noise,
+        "background": settings.background,
+        "read_noise": settings.read_noise,
+        "gain": settings.gain,
+        "regularization": settings.regularization,
+        "damping": settings.damping,
+        "accelerate": settings.accelerate,
+        "stop": settings.stop,
+        "tolerance": settings.tolerance if settings.stop == "change" else None,
+        "dering": settings.dering,
+        "saturation": saturation,
+        "luminance": luminance,
+    }
+
+
+def _mean_psf(psf, channels: int, backend: Backend):
+    """The one PSF of a luminance restoration: a field or 2-D PSF as is, per-channel ones
+    averaged."""
+    if isinstance(psf, (PSFField, FieldWindow)):
+        return psf
+    if isinstance(psf, (list, tuple)) and psf and isinstance(psf[0], (PSFField, FieldWindow)):
+        msg = (
+            "luminance=True restores one plane: give one PSF field for all channels, not one "
+            "per channel"
+        )
+        raise GpudeconvError(msg)
+    host = validate_psf(backend.to_host(psf), channels=channels)
+    return host if host.ndim == 2 else host.mean(axis=0)
+
+
+_PLAIN = _Settings()
+
+
+def _restore_plane(
+    observed, operator, iterations: int, step, settings: _Settings = _PLAIN, *, info: bool = False
+):
+    """RL on one 2-D plane on ``operator``'s backend; returns the restored plane (and its
+    `ChannelInfo` with ``info``).
 
     The plane is padded by reflection by the PSF radius (the padded pixels count as observed),
     and the estimate extends by one more PSF radius of unobserved pixels (weight 0), so that the
@@ -190,56 +592,230 @@ def _restore_plane(observed, operator, iterations: int, step):
     backend = operator.backend
     xp = backend.xp
     dtype = observed.dtype.type
+    record = ChannelInfo()
     valid = xp.isfinite(observed)
     has_nodata = not bool(valid.all())
     if has_nodata and not bool(valid.any()):
-        return xp.full_like(observed, np.nan)
+        record.stopped = "no data"
+        restored = xp.full_like(observed, np.nan)
+        return (restored, record) if info else restored
+
+    fitted = valid
+    level = _saturation(observed, valid, settings.saturation, backend)
+    if level is not None:
+        saturated = _grow(valid & (observed >= dtype(level)), xp)
+        record.saturation, record.saturated = level, int(saturated.sum())
+        fitted = valid & ~saturated
+        if not bool(fitted.any()):
+            msg = (
+                f"every pixel is at or above the saturation level {level:g}; give a higher "
+                "saturation level, or none"
+            )
+            raise GpudeconvError(msg)
+    has_gaps = has_nodata or fitted is not valid
+
+    # The data term, at unit scale: RL does not depend on the data's scale, and unit scale
+    # keeps the division guard meaningful for flux-calibrated data (pixel values of 1e-14).
+    model = _noise_model(observed, valid, settings, backend)
+    record.noise = model
     values = observed[valid] if has_nodata else observed
-    low, high = float(values.min()), float(values.max())
-    pedestal = _pedestal(low, high)
-    # RL does not depend on the data's scale; restoring at unit scale keeps the division guard
-    # meaningful for flux-calibrated data (pixel values of 1e-14 and less).
-    scale = (high + pedestal) or 1.0
-    data = (observed + dtype(pedestal)) * dtype(1 / scale)
-    if has_nodata:
-        data = xp.where(valid, data, dtype(0))
+    if model is None:  # plain RL: the data as given, lifted by a pedestal if it goes negative
+        low, high = float(values.min()), float(values.max())
+        pedestal = _pedestal(low, high)
+        scale = (high + pedestal) or 1.0
+        data = (observed + dtype(pedestal)) * dtype(1 / scale)
+        shift, counts = 0.0, None
+        start = data
+    else:  # d + alpha ~ Poisson(H u + b), in counts of 1 / gain, u the restored light + alpha
+        # The shift alpha makes the data's variance that of Poisson counts (Snyder et al.
+        # 1993): the read noise's, and for sky-subtracted data the sky's that subtraction took
+        # away. It lifts the restored light as a pedestal does, so faint sky keeps the noise it
+        # has instead of the low-count regime's, where RL drives pixels to 0 and amplifies
+        # noise. Only a background given by the caller is known sky b, left out of the
+        # restored light (which positivity then keeps above it).
+        shifted = xp.maximum(observed + dtype(model.offset), dtype(0))
+        scale = float((shifted[valid] if has_nodata else shifted).max()) or 1.0
+        data = shifted * dtype(1 / scale)
+        sky = settings.background or 0.0
+        pedestal = model.offset - sky  # removed from the restored light at the end
+        shift = sky / scale
+        counts = model.gain * scale  # counts per working unit
+        # Kept off 0, where the multiplicative update could never move it, by a tenth of the
+        # sky noise.
+        floor = dtype(0.1 * model.sigma / scale)
+        start = xp.maximum((observed + dtype(pedestal)) * dtype(1 / scale), floor)
+    if has_gaps:
+        data = xp.where(fitted, data, dtype(0))
 
     ry, rx = operator.radius
     frame = ((ry, ry), (rx, rx))
     mode = "reflect" if min(data.shape) > max(ry, rx) else "symmetric"
     padded = xp.pad(data, frame, mode=mode)
-    if has_nodata:
-        observed_weight = xp.pad(valid.astype(data.dtype), frame, mode=mode)
+    if has_gaps:
+        observed_weight = xp.pad(fitted.astype(data.dtype), frame, mode=mode)
     else:
         observed_weight = xp.ones_like(padded)
     weight = xp.pad(observed_weight, frame)  # the unobserved ring: weight 0
     extended = xp.pad(padded, frame)
-    estimate = xp.pad(padded, frame, mode="edge")
+    estimate = xp.pad(xp.pad(start, frame, mode=mode), frame, mode="edge")
     if has_nodata:
         # No-data pixels start from the mean of the data instead of 0, from which RL cannot move.
-        fill = dtype(float(data[valid].mean()))
-        estimate = xp.where(xp.pad(observed_weight, frame, mode="edge") > 0, estimate, fill)
+        fill = dtype(float(start[valid].mean()))
+        reach = xp.pad(xp.pad(valid.astype(data.dtype), frame, mode=mode), frame, mode="edge")
+        estimate = xp.where(reach > 0, estimate, fill)
+        del reach
     norm = operator.adjoint(weight)
-    del weight, observed_weight  # only the normalization needs them
+    observed_count = float(weight.sum())
+    damped = settings.damping is not None
+    if not damped and not settings.record and settings.stop != "noise" and not settings.accelerate:
+        weight = None  # only the normalization needs it
+    del observed_weight
+
+    # the sky noise at unit scale: TV's and deringing's yardstick
+    sigma = model.sigma / scale if model is not None else _rough_sigma(data, xp)
+    envelope = None
+    if settings.dering > 0:
+        envelope = _dering_floor(padded, operator, shift, settings.dering, sigma, backend)
+        envelope = xp.pad(envelope, frame)  # nothing to hold up in the unobserved ring
+    tv_norm = xp.empty_like(estimate) if settings.regularization > 0 else None
+    # TV's gradient scale: below a tenth of the noise a gradient counts as flat.
+    epsilon = 0.1 * sigma
+    damping = None
+    if damped:
+        damping = (counts / settings.damping**2, DAMPING_POWER)
+
+    watch_fit = settings.record or settings.stop == "noise" or settings.accelerate
+    track_change = settings.accelerate or settings.stop == "change"
+    change = xp.zeros_like(estimate) if track_change else None
+    if settings.accelerate:
+        previous = estimate.copy()
+        previous_change = xp.zeros_like(estimate)
+    alpha = 0.0
+    core = (slice(2 * ry, 2 * ry + observed.shape[0]), slice(2 * rx, 2 * rx + observed.shape[1]))
 
     blurred = xp.empty_like(estimate)  # work buffers, allocated once
     correction = xp.empty_like(estimate)
-    # The data is 0 wherever the weight is (no-data pixels, the unobserved ring), so the ratio
-    # is already 0 there and needs no weighting: the weights act through the normalization.
-    for _ in range(iterations):
+    for iteration in range(iterations):
+        if settings.accelerate:
+            # y = x + alpha (x - x_previous), kept positive; previous <- x
+            backend.ba_extrapolate(estimate, previous, alpha)
         operator.forward(estimate, out=blurred)
-        ratio = backend.rl_ratio(extended, blurred)
+        if watch_fit:
+            deviance = backend.rl_deviance(extended, blurred, weight, background=shift)
+            # in noise units: counts per working unit scale the Poisson deviance
+            fit = deviance * (counts if counts is not None else 1.0) / observed_count
+            record.data_term.append(fit)
+        # The data is 0 wherever the weight is (no-data pixels, the unobserved ring), so the
+        # plain ratio is already 0 there; the damped ratio is not and takes the weights.
+        ratio = backend.rl_ratio(
+            extended, blurred, weight if damped else None, background=shift, damping=damping
+        )
         operator.adjoint(ratio, out=correction)
-        backend.rl_update(estimate, correction, norm)
+        scale_by = norm
+        if tv_norm is not None:
+            backend.rl_tv_norm(
+                estimate, norm, tv_norm, strength=settings.regularization, epsilon=epsilon
+            )
+            scale_by = tv_norm
+        backend.rl_update(estimate, correction, scale_by, floor=envelope, change=change)
+        record.iterations = iteration + 1
         step()
+        if settings.accelerate:
+            alpha = _next_alpha(change, previous_change, xp)
+            change, previous_change = previous_change, change
+            fits = record.data_term
+            if len(fits) >= 2 and fits[-1] > fits[-2]:
+                alpha = 0.0  # the fit got worse: restart from plain steps
+                record.restarts += 1
+        if settings.stop == "noise" and record.data_term and record.data_term[-1] <= 1.0:
+            record.stopped = "noise"
+            break
+        if settings.stop == "change":
+            # previous holds the estimate before this iteration's extrapolation
+            moved = estimate[core] - previous[core] if settings.accelerate else change[core]
+            size = float(xp.linalg.norm(estimate[core]))
+            if size > 0 and float(xp.linalg.norm(moved)) <= settings.tolerance * size:
+                record.stopped = "change"
+                break
 
-    height, width = observed.shape
-    restored = estimate[2 * ry : 2 * ry + height, 2 * rx : 2 * rx + width] * dtype(scale)
+    restored = estimate[core] * dtype(scale)
     if pedestal:
         restored -= dtype(pedestal)
     if has_nodata:
         restored = xp.where(valid, restored, dtype(np.nan))
-    return restored
+    return (restored, record) if info else restored
+
+
+def _next_alpha(change, previous_change, xp) -> float:
+    """Biggs & Andrews' (1997) step length: the correlation of the last two RL steps, in
+    [0, MAX_ACCELERATION]."""
+    last = float(xp.vdot(previous_change.ravel(), previous_change.ravel()))
+    if last <= 0:
+        return 0.0
+    cross = float(xp.vdot(change.ravel(), previous_change.ravel()))
+    return min(max(cross / last, 0.0), MAX_ACCELERATION)
+
+
+def _grow(mask, xp):
+    """``mask`` with its 8 neighbours set: the pixels next to a clipped one are off the
+    sensor's linear range too (blooming, the ramp to full well)."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    rows = grown.copy()
+    grown[:, 1:] |= rows[:, :-1]
+    grown[:, :-1] |= rows[:, 1:]
+    return grown
+
+
+def _saturation(observed, valid, saturation, backend: Backend) -> float | None:
+    if saturation is None:
+        return None
+    if saturation == "auto":
+        from .noise import saturation_level
+
+        return saturation_level(backend.to_host(observed))
+    return float(saturation)
+
+
+def _noise_model(observed, valid, settings: _Settings, backend: Backend):
+    if not settings.needs_noise:
+        return None
+    if isinstance(settings.noise, NoiseModel):
+        return settings.noise
+    return estimate_noise(
+        backend.to_host(observed),
+        background=settings.background,
+        read_noise=settings.read_noise,
+        gain=settings.gain,
+    )
+
+
+def _rough_sigma(data, xp) -> float:
+    """A robust noise level of ``data`` from the median absolute difference of neighbours."""
+    difference = xp.abs(data[:, 1:] - data[:, :-1])
+    return float(xp.median(difference[xp.isfinite(difference)])) * 1.4826 / math.sqrt(2) or 1e-6
+
+
+def _dering_floor(padded, operator, shift: float, strength: float, sigma: float, backend):
+    """The lower bound of the estimate that deringing keeps: a smooth lower envelope of the
+    (padded, unit-scale) data above the model's known sky, less ``1 / strength - 1`` noise
+    sigmas (strength 1: the envelope itself; 0.5: one sigma under it; towards 0: no bound).
+
+    A grey opening as wide as the PSF removes every star (their blur is no wider) and keeps the
+    local background, nebulosity included; a box mean of the same width smooths the opening's
+    steps. The envelope lies a few noise sigmas under the local background (the opening takes
+    minima), so the bound holds the deep dark rings of RL up without clipping the sky's noise.
+    """
+    import scipy.ndimage
+
+    host = backend.to_host(padded)
+    size = (2 * operator.radius[0] + 1, 2 * operator.radius[1] + 1)
+    opened = scipy.ndimage.grey_opening(host, size=size, mode="reflect")
+    smooth = scipy.ndimage.uniform_filter(opened, size=size, mode="reflect")
+    allowance = shift + (1 / strength - 1) * sigma
+    bound = np.maximum(smooth - host.dtype.type(allowance), 0)
+    return backend.asarray(bound.astype(host.dtype, copy=False))
 
 
 def _pedestal(low: float, high: float) -> float:

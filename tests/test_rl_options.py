@@ -1,0 +1,178 @@
+"""The options of Richardson-Lucy (noise model, TV, damping, acceleration, stopping, masks,
+deringing, luminance) against independent float64 references and their promised behaviour."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import reference_regularized_rl, star_field, to_numpy
+
+import gpudeconv as gd
+from gpudeconv import GpudeconvError
+from gpudeconv.restore.noise import NoiseModel
+
+PSF = gd.psf.gaussian(3.0, size=13)  # the blur of star_field
+
+
+def field(seed=1):
+    return star_field(seed=seed, sky=200.0)
+
+
+def given_model(image) -> NoiseModel:
+    """A fixed noise model for ``image`` (the references need the same numbers)."""
+    return NoiseModel(background=200.0, sigma=15.0, offset=9.0, gain=1.0, source="given")
+
+
+def inner_error(result, reference, margin=16):
+    inner = (slice(margin, -margin), slice(margin, -margin))
+    return np.max(np.abs(result[inner] - reference[inner])) / np.max(np.abs(reference[inner]))
+
+
+@pytest.mark.parametrize(
+    ("known", "tv", "damping"),
+    [
+        (None, 0.0, None),
+        (200.0, 0.0, None),
+        (None, 0.01, None),
+        (200.0, 0.0, 1.0),
+        (None, 0.005, 2.0),
+    ],
+    ids=str,
+)
+def test_variants_match_float64_reference(backend, known, tv, damping):
+    image = field()
+    model = given_model(image)
+    result = gd.richardson_lucy(
+        backend.asarray(image),
+        PSF,
+        12,
+        backend=backend,
+        noise=model,
+        background=known,
+        regularization=tv,
+        damping=damping,
+    )
+    reference = reference_regularized_rl(
+        image,
+        PSF,
+        12,
+        background=known or 0.0,
+        offset=model.offset,
+        gain=model.gain,
+        sigma=model.sigma,
+        tv=tv,
+        damping=damping,
+    )
+    assert inner_error(to_numpy(result), reference) <= 2e-3
+
+
+def test_noise_model_keeps_a_flat_sky_flat(backend):
+    rng = np.random.default_rng(3)
+    image = (200.0 + rng.normal(0, 1e-3, (96, 112))).astype(np.float32)
+    model = NoiseModel(background=200.0, sigma=1.0, offset=0.0, gain=200.0, source="given")
+    result = to_numpy(
+        gd.richardson_lucy(
+            backend.asarray(image), PSF, 20, backend=backend, noise=model, background=200.0
+        )
+    )
+    assert np.all(np.abs(result - 200.0) < 0.15)  # held at the sky, within a tenth of sigma
+
+
+def test_auto_noise_lifts_sky_subtracted_data_by_its_photon_level(backend):
+    # Sky-subtracted data lost its zero point: the noise model's offset puts the sky back at
+    # the level its noise says, so RL neither drives the sky's dips to 0 nor leaves it there.
+    image = field(seed=4) - 200.0
+    sky = (slice(0, 40), slice(120, 176))
+    restored, info = gd.richardson_lucy(
+        backend.asarray(image), PSF, 30, backend=backend, noise="auto", return_info=True
+    )
+    restored = to_numpy(restored)
+    model = info.channels[0].noise
+    assert abs(model.background) < 0.5 * model.sigma
+    assert model.offset >= 3 * model.sigma - model.background - 1e-6
+    assert abs(np.median(restored[sky]) - np.median(image[sky])) < 0.5 * model.sigma
+    assert np.mean(restored[sky] < np.median(image[sky]) - 2 * model.sigma) > 0.01
+    assert len(info.channels[0].data_term) == 30
+
+
+def test_acceleration_fits_faster(backend):
+    image = field(seed=5)
+    _, slow = gd.richardson_lucy(image, PSF, 20, backend=backend, noise="auto", return_info=True)
+    _, fast = gd.richardson_lucy(
+        image, PSF, 20, backend=backend, noise="auto", accelerate=True, return_info=True
+    )
+    assert fast.channels[0].data_term[-1] < slow.channels[0].data_term[-1]
+    result = to_numpy(gd.richardson_lucy(image, PSF, 20, backend=backend, accelerate=True))
+    assert np.all(np.isfinite(result)) and result.min() >= -1e-3
+
+
+def test_stop_rules_end_early_and_say_why(backend):
+    image = field(seed=6)
+    _, info = gd.richardson_lucy(
+        image, PSF, 200, backend=backend, stop="change", tolerance=5e-3, return_info=True
+    )
+    assert info.stopped == "change" and 1 < info.iterations < 200
+    _, info = gd.richardson_lucy(
+        image, PSF, 200, backend=backend, stop="noise", accelerate=True, return_info=True
+    )
+    assert info.stopped == "noise" and info.iterations < 100
+    assert info.channels[0].data_term[-1] <= 1.0 < info.channels[0].data_term[0]
+    _, info = gd.richardson_lucy(image, PSF, 3, backend=backend, return_info=True)
+    assert info.stopped == "iterations" and info.iterations == 3
+    json.dumps(info.to_dict(), allow_nan=False)
+
+
+def test_saturated_pixels_leave_the_fit(backend):
+    image = field(seed=7)
+    level = float(np.percentile(image, 99.9))
+    clipped = np.minimum(image, level)
+    _, info = gd.richardson_lucy(
+        clipped, PSF, 5, backend=backend, saturation=level, return_info=True
+    )
+    masked = info.channels[0].saturated
+    assert masked >= np.count_nonzero(clipped >= level)
+    _, info = gd.richardson_lucy(
+        clipped, PSF, 5, backend=backend, saturation="auto", return_info=True
+    )
+    assert info.channels[0].saturation == pytest.approx(level, rel=1e-3)
+
+
+def test_dering_holds_the_estimate_above_its_envelope(backend):
+    image = field(seed=8)
+    plain = to_numpy(gd.richardson_lucy(image, PSF, 60, backend=backend))
+    held = to_numpy(gd.richardson_lucy(image, PSF, 60, backend=backend, dering=1.0))
+    # RL digs under the sky next to stars; deringing keeps the minimum near the sky's
+    assert held.min() > plain.min()
+    assert held.min() > 200.0 - 6 * 15.0
+
+
+def test_luminance_mode_changes_every_channel_alike(backend):
+    channels = np.stack([field(seed=s) * f for s, f in ((9, 1.0), (9, 0.8), (9, 0.6))])
+    result = to_numpy(gd.richardson_lucy(channels, PSF, 10, backend=backend, luminance=True))
+    change = result - channels
+    np.testing.assert_allclose(change[0], change[1], atol=1e-2)
+    np.testing.assert_allclose(change[1], change[2], atol=1e-2)
+    lum = to_numpy(gd.richardson_lucy(channels.mean(axis=0), PSF, 10, backend=backend))
+    np.testing.assert_allclose(result.mean(axis=0), lum, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"regularization": -1}, "regularization must be a finite number >= 0"),
+        ({"damping": float("nan")}, "damping must be a finite number >= 0"),
+        ({"stop": "never"}, "stop must be None, 'noise' or 'change'"),
+        ({"dering": 2}, "dering must be a strength from 0"),
+        ({"saturation": "high"}, "saturation must be None, 'auto' or a level"),
+        ({"noise": "loud"}, "noise must be None, 'auto' or a NoiseModel"),
+        ({"read_noise": 5.0}, "read_noise (electrons) and gain"),
+        ({"luminance": True}, "luminance=True restores the luminance of a colour"),
+    ],
+)
+def test_bad_options_are_one_line_errors(options, message):
+    with pytest.raises(GpudeconvError) as caught:
+        gd.richardson_lucy(field(), PSF, 2, **options)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
