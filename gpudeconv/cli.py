@@ -112,10 +112,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "--psf-angle", type=float, default=0.0, metavar="A", help="major axis angle, degrees"
     )
     run.add_argument("--iterations", type=_positive_int, default=30, metavar="N")
-    run.add_argument("--method", choices=("rl",), default="rl", help="rl: Richardson-Lucy")
     run.add_argument("--backend", default=None, metavar="{auto,numpy,cupy}")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_method_arguments(run)
     tiles = run.add_argument_group(
         "mosaics", "restore in tiles streamed from and to the files (FITS or TIFF output)"
     )
@@ -192,6 +192,133 @@ def _build_parser() -> argparse.ArgumentParser:
 
     add_sweep_parser(commands)
     return parser
+
+
+def _add_method_arguments(run) -> None:
+    method = run.add_argument_group("method", "how to restore (defaults improve a stacked image)")
+    method.add_argument(
+        "--method",
+        choices=("rl", "rl-tv", "damped", "wiener"),
+        default="rl",
+        help="rl: Richardson-Lucy; rl-tv: with total-variation regularization (less noise); "
+        "damped: White's damped RL (stops fitting within the noise); wiener: one-step "
+        "Wiener filter",
+    )
+    method.add_argument(
+        "--regularization",
+        type=_non_negative_float,
+        metavar="S",
+        help="strength: the TV weight of rl-tv (default 0.002), the damping threshold in noise "
+        "sigmas of damped (default 1)",
+    )
+    method.add_argument(
+        "--accelerate",
+        action="store_true",
+        help="Biggs-Andrews acceleration: about half the iterations for the same fit",
+    )
+    method.add_argument(
+        "--stop",
+        type=_stop_rule,
+        metavar="noise|change[:TOL]",
+        help="end early when the fit reaches the noise level, or when the estimate changes by "
+        "less than TOL per iteration (default 0.001); --iterations stays the most",
+    )
+    method.add_argument(
+        "--dering",
+        type=_fraction,
+        default=0.0,
+        metavar="S",
+        help="0-1: hold the dark rings around bright stars at S x the local background "
+        "(default 0, off)",
+    )
+    method.add_argument(
+        "--saturation",
+        type=_saturation,
+        default="auto",
+        metavar="auto|LEVEL|none",
+        help="leave saturated pixels out of the fit: auto (default) from the header's SATURATE "
+        "or DATAMAX or the data's maximum plateau, a level in data units, or none",
+    )
+    method.add_argument(
+        "--luminance",
+        action="store_true",
+        help="colour: restore the luminance and keep the original chrominance (noisy colour)",
+    )
+    method.add_argument(
+        "--noise",
+        choices=("auto", "none"),
+        default="auto",
+        help="data term: auto (default) fits the sky background and the Poisson + read noise "
+        "estimated from the image; none fits the data as plain Poisson counts",
+    )
+    method.add_argument(
+        "--read-noise",
+        type=_non_negative_float,
+        metavar="E",
+        help="read noise in electrons (with --gain; default: header RDNOISE or estimated)",
+    )
+    method.add_argument(
+        "--gain",
+        type=_positive_float,
+        metavar="G",
+        help="electrons per data unit (with --read-noise; default: header GAIN or estimated)",
+    )
+    method.add_argument(
+        "--report",
+        metavar="REPORT.json",
+        help="write star FWHM before/after by region, noise gain, ringing, the fit per "
+        "iteration and why it stopped",
+    )
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and value >= 0):
+        msg = f"expected a number >= 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        msg = f"expected a strength from 0 to 1, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _stop_rule(text: str) -> tuple[str, float]:
+    """``'noise'`` -> ('noise', 0.001); ``'change:1e-4'`` -> ('change', 1e-4)."""
+    rule, _, tolerance = text.strip().lower().partition(":")
+    if rule not in ("noise", "change") or (tolerance and rule != "change"):
+        msg = f"expected noise, change or change:TOL (e.g. change:0.001), got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    try:
+        value = float(tolerance) if tolerance else 1e-3
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and value > 0):
+        msg = f"the tolerance of change:TOL must be a positive number, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return rule, value
+
+
+def _saturation(text: str):
+    """``'auto'``, ``'none'`` (None) or a level."""
+    word = text.strip().lower()
+    if word in ("auto", "none"):
+        return None if word == "none" else "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value):
+        msg = f"expected auto, none or a saturation level in data units, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 # ---------------------------------------------------------------------------- deconvolve
@@ -285,17 +412,21 @@ def _validate_psf_options(args) -> None:
 def _deconvolve(args) -> int:
     from .backend import get_backend
     from .io import provenance_header, read_image, write_image
-    from .restore import richardson_lucy
 
     input_path, output_path = Path(args.input), Path(args.output)
     _validate_psf_options(args)
     _validate_tile_options(args)
+    _validate_method_options(args)
     auto = args.psf == "auto"
     backend = get_backend(args.backend)
     _check_output(input_path, output_path, args.overwrite)
     psf_path = _beside(output_path, "_psf.fits") if auto else None
     if psf_path is not None:
         _check_output(input_path, psf_path, args.overwrite)
+    report_path = Path(args.report) if args.report else None
+    if report_path is not None:
+        _check_text_output(input_path, report_path, args.overwrite)
+    _check_distinct(output_path, psf_path, report_path)
     # The shape, without reading the pixels: a mosaic may not fit in memory.
     shape = _image_shape(input_path)
     channels = shape[0] if len(shape) == 3 else None
@@ -337,27 +468,190 @@ def _deconvolve(args) -> int:
     image, header = read_image(input_path)
     out_dtype = _output_dtype(output_path, image.dtype, backend.float_dtype(image.dtype))
     start = time.perf_counter()
-    restored = richardson_lucy(
-        image, kernel, args.iterations, backend=backend, progress=not args.quiet
-    )
+    restored, info, history = _restore(args, image, header, kernel, backend)
     elapsed = time.perf_counter() - start
+    iterations = info.iterations if info is not None else 0
     header = provenance_header(
-        header, method=args.method, psf=psf_text, iterations=args.iterations, backend=backend.name
+        header,
+        method=args.method,
+        psf=psf_text,
+        iterations=iterations,
+        backend=backend.name,
+        extra=history,
     )
     if estimate is not None:
         # After the long work: an interrupted run leaves neither file.
         _save_psf(estimate, psf_path, input_path, overwrite=args.overwrite)
+    if report_path is not None:
+        _write_restoration_report(report_path, image, restored, info, args, psf_text)
     write_image(output_path, restored, header, dtype=out_dtype, overwrite=args.overwrite)
     if not args.quiet:
         pixels = int(np.prod(image.shape))
-        rate = pixels * args.iterations / elapsed / 1e6
+        rate = pixels * max(iterations, 1) / elapsed / 1e6
         saved = f" and its PSF {psf_path}" if psf_path is not None else ""
+        how = (
+            f"{iterations} iterations, stopped by {info.stopped}"
+            if info is not None and info.stopped not in ("iterations", "")
+            else (f"{iterations} iterations" if info is not None else "Wiener filter")
+        )
         print(
-            f"gpudeconv: wrote {output_path}{saved} ({args.iterations} iterations on "
+            f"gpudeconv: wrote {output_path}{saved} ({args.method}, {how} on "
             f"{backend.name}, {elapsed:.1f} s, {rate:.1f} MPix*it/s)",
             file=sys.stderr,
         )
     return 0
+
+
+def _restore(args, image, header, kernel, backend):
+    """Restore ``image`` as the method options say: ``(restored, info, history)``, ``info`` a
+    `RestorationInfo` (None for Wiener) and ``history`` the HISTORY items of the options."""
+    from .restore import richardson_lucy
+
+    if args.method == "wiener":
+        from .psf import PSFField
+        from .restore.wiener import wiener
+
+        if isinstance(kernel, PSFField):
+            msg = "--method wiener takes one PSF, not a PSF field: use an RL method for a field"
+            raise GpudeconvError(msg)
+        restored = wiener(image, kernel, backend=backend)
+        return restored, None, {"options": "Wiener filter, noise-to-signal from the image"}
+    restored, info = richardson_lucy(
+        image,
+        kernel,
+        args.iterations,
+        backend=backend,
+        return_info=True,
+        progress=not args.quiet,
+        **_rl_options(args, header),
+    )
+    return restored, info, _history(info)
+
+
+def _rl_options(args, header) -> dict:
+    """The `richardson_lucy` options of the method flags (``header`` supplies the camera's
+    read noise, gain and saturation level when the flags do not)."""
+    from .api import method_options
+
+    options = method_options(args.method, args.regularization)
+    options.update(_noise_options(args, header))
+    options["saturation"] = _saturation_option(args.saturation, header)
+    if args.stop is not None:
+        options["stop"], options["tolerance"] = args.stop
+    if args.accelerate:
+        options["accelerate"] = True
+    if args.dering:
+        options["dering"] = args.dering
+    if args.luminance:
+        options["luminance"] = True
+    return options
+
+
+def _validate_method_options(args) -> None:
+    """RL-only flags with ``--method wiener``, and a strength without a regularized method."""
+    if args.method == "wiener":
+        given = [
+            flag
+            for flag, value in (
+                ("--accelerate", args.accelerate),
+                ("--stop", args.stop is not None),
+                ("--dering", bool(args.dering)),
+                ("--regularization", args.regularization is not None),
+                ("--luminance", args.luminance),
+            )
+            if value
+        ]
+        if given:
+            msg = (
+                f"{', '.join(given)} act on Richardson-Lucy iterations; --method wiener is one "
+                "filter step: drop them or choose an RL method"
+            )
+            raise GpudeconvError(msg)
+    elif args.regularization is not None and args.method == "rl":
+        msg = (
+            "--regularization sets the strength of --method rl-tv (TV weight) or damped "
+            "(threshold in noise sigmas): choose one of them or drop it"
+        )
+        raise GpudeconvError(msg)
+
+
+def _noise_options(args, header) -> dict:
+    """The data term's options: ``--noise``, and read noise and gain from the flags or the
+    header (GAIN or EGAIN, RDNOISE or READNOIS, both needed)."""
+    if args.noise == "none":
+        if args.read_noise is not None or args.gain is not None:
+            msg = "--read-noise and --gain describe the noise model: drop them with --noise none"
+            raise GpudeconvError(msg)
+        if args.method == "damped" or (args.stop is not None and args.stop[0] == "noise"):
+            msg = "damped RL and --stop noise need the noise model: drop --noise none"
+            raise GpudeconvError(msg)
+        return {"noise": None}
+    if (args.read_noise is None) != (args.gain is None):
+        msg = "--read-noise (electrons) and --gain (electrons per ADU) go together: give both"
+        raise GpudeconvError(msg)
+    read_noise, gain = args.read_noise, args.gain
+    if read_noise is None and header is not None:
+        read_noise = _header_number(header, ("RDNOISE", "READNOIS", "RON"))
+        gain = _header_number(header, ("GAIN", "EGAIN"))
+        if read_noise is None or gain is None or gain <= 0 or read_noise < 0:
+            read_noise = gain = None
+    return {"noise": "auto", "read_noise": read_noise, "gain": gain}
+
+
+def _header_number(header, keys) -> float | None:
+    for key in keys:
+        value = header.get(key) if hasattr(header, "get") else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+            return float(value)
+    return None
+
+
+def _saturation_option(saturation, header):
+    """``--saturation auto`` takes the header's SATURATE or DATAMAX before the data's plateau."""
+    if saturation != "auto" or header is None:
+        return saturation
+    level = _header_number(header, ("SATURATE", "DATAMAX"))
+    return "auto" if level is None else level
+
+
+def _history(info) -> dict:
+    """HISTORY items: the options in effect and how each channel's fit went."""
+    options = info.options
+    chosen = [
+        f"{key}={value}"
+        for key, value in options.items()
+        if key != "iterations" and value not in (None, False, 0, 0.0)
+    ]
+    lines = {"options": " ".join(chosen) or "plain"}
+    for index, channel in enumerate(info.channels):
+        parts = [f"{channel.iterations} iterations, stopped by {channel.stopped}"]
+        if channel.noise is not None:
+            model = channel.noise
+            parts.append(
+                f"sky {model.background:.6g} sigma {model.sigma:.4g} offset {model.offset:.4g} "
+                f"gain {model.gain:.4g} ({model.source})"
+            )
+        if channel.saturation is not None:
+            parts.append(f"saturation {channel.saturation:.6g} ({channel.saturated} px masked)")
+        if channel.restarts:
+            parts.append(f"{channel.restarts} acceleration restarts")
+        lines[f"channel {index}" if len(info.channels) > 1 else "fit"] = "; ".join(parts)
+    return lines
+
+
+def _write_restoration_report(path: Path, before, after, info, args, psf_text: str) -> None:
+    from .io import write_text
+    from .quality import restoration_report
+
+    report = restoration_report(before, after, info=None if info is None else info.to_dict())
+    report = {
+        "input": args.input,
+        "output": args.output,
+        "method": args.method,
+        "psf": psf_text,
+        **report,
+    }
+    write_text(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 def _validate_tile_options(args) -> None:

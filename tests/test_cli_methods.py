@@ -1,0 +1,253 @@
+"""`gpudeconv deconvolve` with the restoration methods and options: the output is what the
+API computes with the same options, the options are in HISTORY, --report writes the figures,
+and every misuse is one line on stderr with nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from helpers import star_field
+from test_cli import assert_one_line_error, run
+
+import gpudeconv as gd
+
+PSF = gd.psf.gaussian(3.0)  # the blur of star_field
+
+
+def history_of(path) -> str:
+    return " ".join(str(line) for line in fits.getheader(path)["HISTORY"])
+
+
+@pytest.fixture
+def frame(tmp_path):
+    """A 160 x 176 star field on a sky, with its camera in the header."""
+    path = tmp_path / "frame.fits"
+    header = fits.Header()
+    header["GAIN"] = 1.0
+    header["RDNOISE"] = 3.0
+    fits.PrimaryHDU(star_field(seed=31, sky=200.0), header=header).writeto(path)
+    return path
+
+
+def test_regularized_accelerated_run_matches_the_api_and_reports(frame, tmp_path, capsys):
+    out, report = tmp_path / "sharp.fits", tmp_path / "run.json"
+    argv = [
+        "deconvolve",
+        frame,
+        "-o",
+        out,
+        "--psf-fwhm",
+        "3",
+        "--psf-model",
+        "gaussian",
+        "--iterations",
+        "40",
+    ]
+    argv += ["--accelerate", "--stop", "noise", "--dering", "0.5"]
+    code, _, err = run([*argv, "--report", report, "--quiet"], capsys)
+    assert code == 0, err
+    image = fits.getdata(frame)
+    expected, info = gd.richardson_lucy(
+        image,
+        PSF,
+        40,
+        noise="auto",
+        read_noise=3.0,
+        gain=1.0,
+        accelerate=True,
+        stop="noise",
+        dering=0.5,
+        saturation="auto",
+        return_info=True,
+    )
+    np.testing.assert_allclose(fits.getdata(out), expected, rtol=1e-5, atol=1e-3)
+    history = history_of(out)
+    assert f"{info.iterations} iterations" in history
+    assert "dering=0.5" in history and "accelerate=True" in history
+    assert "stopped by noise" in history and "(given)" in history  # the header's camera
+    figures = json.loads(report.read_text())
+    assert figures["method"] == "rl"
+    assert figures["run"]["iterations"] == info.iterations < 40
+    assert figures["run"]["stopped"] == "noise"
+    assert len(figures["run"]["channels"][0]["data_term"]) == info.iterations
+    assert figures["fwhm"]["after"] < figures["fwhm"]["before"]
+    assert figures["noise_gain"] > 0
+
+
+def test_damped_strength_tv_and_wiener(frame, tmp_path, capsys):
+    image = fits.getdata(frame)
+    tv = tmp_path / "tv.fits"
+    argv = [
+        "deconvolve",
+        frame,
+        "-o",
+        tv,
+        "--psf-fwhm",
+        "3",
+        "--psf-model",
+        "gaussian",
+        "--iterations",
+        "8",
+    ]
+    code, _, err = run([*argv, "--method", "rl-tv", "--quiet"], capsys)
+    assert code == 0, err
+    expected = gd.richardson_lucy(
+        image,
+        PSF,
+        8,
+        noise="auto",
+        read_noise=3.0,
+        gain=1.0,
+        regularization=0.005,
+        saturation="auto",
+    )
+    np.testing.assert_allclose(fits.getdata(tv), expected, rtol=1e-5, atol=1e-3)
+    assert "regularization=0.005" in history_of(tv)
+    damped = tmp_path / "damped.fits"
+    argv = [
+        "deconvolve",
+        frame,
+        "-o",
+        damped,
+        "--psf-fwhm",
+        "3",
+        "--psf-model",
+        "gaussian",
+        "--iterations",
+        "8",
+    ]
+    code, _, err = run([*argv, "--method", "damped", "--regularization", "2", "--quiet"], capsys)
+    assert code == 0, err
+    expected = gd.richardson_lucy(
+        image, PSF, 8, noise="auto", read_noise=3.0, gain=1.0, damping=2.0, saturation="auto"
+    )
+    np.testing.assert_allclose(fits.getdata(damped), expected, rtol=1e-5, atol=1e-3)
+    assert "damping=2.0" in history_of(damped)
+    filtered = tmp_path / "wiener.fits"
+    argv = [
+        "deconvolve",
+        frame,
+        "-o",
+        filtered,
+        "--psf-fwhm",
+        "3",
+        "--psf-model",
+        "gaussian",
+        "--method",
+        "wiener",
+    ]
+    code, _, err = run([*argv, "--quiet"], capsys)
+    assert code == 0, err
+    np.testing.assert_allclose(fits.getdata(filtered), gd.wiener(image, PSF), rtol=1e-5, atol=1e-3)
+    assert "wiener" in history_of(filtered).lower()
+
+
+def test_header_saturation_level_masks_the_clipped_cores(tmp_path, capsys):
+    image = star_field(seed=32, sky=200.0)
+    level = float(np.percentile(image, 99.8))
+    path = tmp_path / "clipped.fits"
+    header = fits.Header()
+    header["SATURATE"] = level
+    fits.PrimaryHDU(np.minimum(image, level), header=header).writeto(path)
+    out = tmp_path / "out.fits"
+    code, _, err = run(
+        [
+            "deconvolve",
+            path,
+            "-o",
+            out,
+            "--psf-fwhm",
+            "3",
+            "--psf-model",
+            "gaussian",
+            "--iterations",
+            "5",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert f"saturation {level:.6g}" in history_of(out)
+
+
+def test_luminance_mode_on_colour(tmp_path, capsys):
+    colour = np.stack([star_field(seed=33, sky=100.0) * f for f in (1.0, 0.7, 0.5)])
+    path = tmp_path / "colour.fits"
+    fits.PrimaryHDU(colour).writeto(path)
+    out = tmp_path / "out.fits"
+    argv = [
+        "deconvolve",
+        path,
+        "-o",
+        out,
+        "--psf-fwhm",
+        "3",
+        "--psf-model",
+        "gaussian",
+        "--iterations",
+        "6",
+    ]
+    code, _, err = run([*argv, "--luminance", "--quiet"], capsys)
+    assert code == 0, err
+    result = fits.getdata(out)
+    change = result - colour
+    np.testing.assert_allclose(change[0], change[2], atol=1e-2)
+    assert "luminance=True" in history_of(out)
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--method", "wiener", "--accelerate"], "--accelerate act on Richardson-Lucy"),
+        (["--regularization", "0.01"], "--regularization sets the strength"),
+        (["--stop", "soon"], "expected noise, change or change:TOL"),
+        (["--stop", "change:-1"], "tolerance of change:TOL must be a positive"),
+        (["--dering", "2"], "expected a strength from 0 to 1"),
+        (["--saturation", "high"], "expected auto, none or a saturation level"),
+        (["--read-noise", "3"], "--read-noise (electrons) and --gain"),
+        (["--noise", "none", "--method", "damped"], "need the noise model"),
+        (["--luminance"], "luminance=True restores the luminance of a colour"),
+    ],
+)
+def test_method_misuse_is_one_line(frame, tmp_path, capsys, flags, match):
+    out = tmp_path / "out.fits"
+    code, _, err = run(
+        [
+            "deconvolve",
+            frame,
+            "-o",
+            out,
+            "--psf-fwhm",
+            "3",
+            "--psf-model",
+            "gaussian",
+            "--quiet",
+            *flags,
+        ],
+        capsys,
+    )
+    assert_one_line_error(code, err, match)
+    assert not out.exists()
+
+
+def test_report_must_not_overwrite_the_input(frame, tmp_path, capsys):
+    out = tmp_path / "out.fits"
+    argv = [
+        "deconvolve",
+        frame,
+        "-o",
+        out,
+        "--psf-fwhm",
+        "3",
+        "--psf-model",
+        "gaussian",
+        "--report",
+        frame,
+        "--quiet",
+    ]
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, "is the input file")
+    assert not out.exists()
