@@ -48,6 +48,13 @@ def _measure(benchmark, case: str, size: int, settings, field):
     name, backend_name = CASES[case]
     backend = _backend(backend_name)
     function = _implementation(name, backend)
+    benchmark.group = f"RL {size}x{size}, {settings['iterations']} it, float32"
+    time_restoration(benchmark, function, backend, size, settings, field, implementation=name)
+
+
+def time_restoration(benchmark, function, backend, size: int, settings, field, **extra):
+    """Time ``function(image, psf, iterations)`` on the field of side ``size`` (on ``backend``)
+    and record MPix·it/s, the device and the peak memory in ``extra_info`` (with ``extra``)."""
     iterations, psf = settings["iterations"], settings["psf"]
     image = backend.asarray(field(size))
 
@@ -56,14 +63,13 @@ def _measure(benchmark, case: str, size: int, settings, field):
         backend.synchronize()
         return restored
 
-    benchmark.group = f"RL {size}x{size}, {iterations} it, float32"
     benchmark.extra_info.update(
-        implementation=name,
         backend=backend.name,
         device=backend.device_name(),
         size=size,
         iterations=iterations,
         psf_size=int(psf.shape[0]),
+        **extra,
     )
     backend.synchronize()
     benchmark.pedantic(call, rounds=3, warmup_rounds=1, iterations=1)
