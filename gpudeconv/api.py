@@ -74,8 +74,8 @@ def deconvolve(
     psf_grid : (ny, nx) tuple of int, optional
         With ``psf=None``: estimate a `PSFField` on this grid of nodes instead of one PSF.
     regularization : float, optional
-        The strength of ``'rl-tv'`` (TV weight, default 0.002) or ``'damped'`` (threshold in
-        noise sigmas, default 1).
+        The strength of ``'rl-tv'`` (TV weight, default 0.005) or ``'damped'`` (threshold in
+        noise sigmas, default 2).
     **options
         Passed to the method: `richardson_lucy`'s options (``accelerate``, ``stop``,
         ``dering``, ``saturation``, ``luminance``, ``noise``, ``progress``...) or

@@ -208,8 +208,8 @@ def _add_method_arguments(run) -> None:
         "--regularization",
         type=_non_negative_float,
         metavar="S",
-        help="strength: the TV weight of rl-tv (default 0.002), the damping threshold in noise "
-        "sigmas of damped (default 1)",
+        help="strength: the TV weight of rl-tv (default 0.005), the damping threshold in noise "
+        "sigmas of damped (default 2)",
     )
     method.add_argument(
         "--accelerate",

@@ -98,11 +98,13 @@ def deep_sky_figures(size: int = 512, seed: int = 0) -> dict:
     figures = {"size": size, "seed": seed, "iterations": ITERATIONS, "methods": {}}
     # (method, iterations, options): accelerated RL at the iterations that reach the fit of
     # 50 plain ones (`_acceleration`), the rest at 50
+    acceleration = _acceleration(observed, psf)
+    reached = acceleration["accelerated_iterations_to_reach"] or ITERATIONS
     runs = {
         "rl": ("rl", ITERATIONS, {}),
         "rl-tv": ("rl-tv", ITERATIONS, {}),
         "damped": ("damped", ITERATIONS, {}),
-        "rl+accelerate": ("rl", ITERATIONS // 2, {"accelerate": True}),
+        "rl+accelerate": ("rl", reached, {"accelerate": True}),
         "rl+dering": ("rl", ITERATIONS, {"dering": 1.0}),
         "rl+saturation": ("rl", ITERATIONS, {"saturation": "auto"}),
         "wiener": ("wiener", 0, {}),
@@ -121,7 +123,11 @@ def deep_sky_figures(size: int = 512, seed: int = 0) -> dict:
         # star's true flux: the sky, nebula and neighbours cancel in the difference.
         moved = CircularAperture(isolated, r=radius).do_photometry(restored - observed)[0]
         ratio = 1 + moved / flux
-        row["flux_ratio"] = float(np.nanmedian(ratio))
+        finite = np.isfinite(ratio)
+        row["flux_ratio"] = float(1 + moved[finite].sum() / flux[finite].sum())
+        # Flux-weighted over the stars (the faint ones' apertures are noise-dominated after
+        # a restoration amplifies noise), and the median of the per-star ratios
+        row["flux_median"] = float(np.nanmedian(ratio))
         row["flux_spread"] = float(np.nanpercentile(np.abs(ratio - 1), 90))
         row["stars"] = int(np.count_nonzero(np.isfinite(ratio)))
         if info is not None:
@@ -134,7 +140,7 @@ def deep_sky_figures(size: int = 512, seed: int = 0) -> dict:
         row["fwhm_reduction"] = (fwhm_row["before"] - fwhm_row["after"]) / fwhm_row["before"]
         row["reduction_kept"] = row["fwhm_reduction"] / reduction
         row["noise_vs_rl"] = row["noise_gain"] / plain["noise_gain"]
-    figures["acceleration"] = _acceleration(observed, psf)
+    figures["acceleration"] = acceleration
     return figures
 
 

@@ -95,7 +95,7 @@ MAX_ACCELERATION = 0.95
 #: Default strengths of the regularized methods, tuned on `gpudeconv.synthetic.make_scene`
 #: deep-sky scenes (tests/test_restore_quality.py holds the measurements they must keep).
 DEFAULT_TV = 0.005
-DEFAULT_DAMPING = 3.0
+DEFAULT_DAMPING = 2.0
 #: White's (1994) exponent of the damping function: the damped ratio is flat up to about the
 #: threshold and joins the plain ratio smoothly above it.
 DAMPING_POWER = 10.0
