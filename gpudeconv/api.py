@@ -70,7 +70,11 @@ def deconvolve(
     tile : int, optional
         Restore in tiles of this side (plus halos; `gpudeconv.tiles`). Without it, a path or a
         ``numpy.memmap`` streams in tiles planned from the free memory when the whole image
-        does not fit the memory budget, and is restored whole otherwise.
+        does not fit the memory budget, and is restored whole otherwise. Tiles take the RL
+        options that act locally (`gpudeconv.tiles.TILE_OPTIONS`), with the noise model and
+        saturation level measured once on the whole image; ``accelerate``, ``stop``,
+        ``luminance``, ``callback`` and the Wiener filter need the whole frame and are
+        refused.
     psf_grid : (ny, nx) tuple of int, optional
         With ``psf=None``: estimate a `PSFField` on this grid of nodes instead of one PSF.
     regularization : float, optional
@@ -96,12 +100,8 @@ def deconvolve(
     streams = tile is not None or (
         isinstance(image, (str, os.PathLike, np.memmap)) and not _fits_in_memory(image, psf)
     )
-    if streams and set(options) - {"progress"}:
-        msg = (
-            f"{', '.join(sorted(set(options) - {'progress'}))} cannot be used when restoring in "
-            "tiles (a path, a memory map or tile=); pass an in-memory array without tile="
-        )
-        raise GpudeconvError(msg)
+    if streams:
+        tile_options = _tile_options(method, extra, options)  # before a PSF is estimated
     if psf is None:
         from .psf.estimate import estimate_psf
 
@@ -121,6 +121,7 @@ def deconvolve(
             backend=backend,
             tile=tile,
             progress=bool(options.get("progress", False)),
+            options=tile_options,
         )
     if isinstance(image, (str, os.PathLike)):
         from .io import read_image
@@ -132,6 +133,30 @@ def deconvolve(
         return wiener(image, psf, backend=backend, **options)
     options.setdefault("noise", "auto")
     return richardson_lucy(image, psf, iterations, backend=backend, **extra, **options)
+
+
+def _tile_options(method: str, extra: dict, options: dict) -> dict:
+    """The `richardson_lucy` options of a tiled restoration: the method's and the caller's,
+    with the noise model estimated (``noise='auto'``) by default, as in memory; refused in
+    one line where tiles cannot follow."""
+    from .tiles import _validate_options
+
+    where = "when restoring in tiles (a path, a memory map or tile=)"
+    if method == "wiener":
+        msg = (
+            f"method 'wiener' cannot be used {where}: the Wiener filter needs the spectrum of "
+            "the whole frame; restore in memory (an array without tile=) or choose an RL method"
+        )
+        raise GpudeconvError(msg)
+    if "callback" in options:
+        msg = (
+            f"callback cannot be used {where}: pass an in-memory array without tile=, or "
+            "progress=True for a bar over the tiles"
+        )
+        raise GpudeconvError(msg)
+    chosen = {**extra, **{key: value for key, value in options.items() if key != "progress"}}
+    chosen.setdefault("noise", "auto")
+    return _validate_options(chosen)
 
 
 def _fits_in_memory(image, psf) -> bool:

@@ -697,6 +697,16 @@ def _streams(args, shape, kernel, backend) -> bool:
 
 
 def _deconvolve_tiled(args, input_path, output_path, kernel, psf_text, backend):
+    from .io import open_tile_reader
+
+    if args.method == "wiener" or args.report:
+        what = "--method wiener" if args.method == "wiener" else "--report"
+        msg = (
+            f"{what} needs the whole image in memory and this run streams in tiles (too large, "
+            "or --tile/--resume/--dask/--workers): use an RL method without it"
+        )
+        raise GpudeconvError(msg)
+    options = _rl_options(args, open_tile_reader(input_path).header)
     if args.dask is not None or args.workers is not None:
         from .dask import run_on_cluster
 
@@ -711,6 +721,8 @@ def _deconvolve_tiled(args, input_path, output_path, kernel, psf_text, backend):
             tile=args.tile,
             overwrite=args.overwrite,
             psf_description=psf_text,
+            options=options,
+            method=args.method,
         )
     from .tiles import deconvolve_file
 
@@ -725,6 +737,8 @@ def _deconvolve_tiled(args, input_path, output_path, kernel, psf_text, backend):
         overwrite=args.overwrite,
         progress=not args.quiet,
         psf_description=psf_text,
+        options=options,
+        method=args.method,
     )
 
 

@@ -8,6 +8,12 @@ pads them by reflection exactly as it pads a whole image: the result is the in-c
 the seam tolerance that the halo gives (module docstring of `gpudeconv.tiles`). A negative image
 is lifted by one pedestal per channel, from the whole array's range, as in-core.
 
+The `richardson_lucy` options that act locally (``options=``, `gpudeconv.tiles.TILE_OPTIONS`)
+are taken as by the tile driver: the noise model (``noise='auto'``) and the saturation level
+(``saturation='auto'``) of each channel are measured once, on the client, from one read of the
+blocks in order (`gpudeconv.tiles` module docstring, "Options"), and every block is restored
+with them, so blocks agree with the in-core restoration as plain RL's do.
+
 `run_on_cluster` does the same from a file to a file: the input is read block by block on the
 workers (`gpudeconv.io.open_tile_reader`), each restored block is written in place into an
 output made beside the target, which is renamed onto it when every block is in. The workers
@@ -135,6 +141,7 @@ def _restore_block(
     colour: int,
     depths,
     starts,
+    settings=None,
     block_info=None,
 ):
     """Restore one overlapped block (map_overlap trims it after): ``block`` is ``(C, h, w)``
@@ -160,6 +167,7 @@ def _restore_block(
         pedestals=pedestals,
         core=(slice(None), slice(None)),
         backend=backend,
+        settings=settings,
     )
     restored = backend.to_host(restored)
     return restored if colour else restored[0]
@@ -173,6 +181,7 @@ def deconvolve_dask(
     halo: int | None = None,
     backend: str | Backend = "numpy",
     tile: int | None = None,
+    options: dict | None = None,
 ):
     """Richardson-Lucy on a Dask array, block by block with halos (``map_overlap``).
 
@@ -192,27 +201,45 @@ def deconvolve_dask(
     tile : int, optional
         Rechunk to ``tile x tile`` blocks; by default a dask array keeps its chunks and a NumPy
         array gets `plan_tiles`' tile for the backend.
+    options : dict, optional
+        `richardson_lucy`'s options that tiles take (`gpudeconv.tiles.restore_tiled`):
+        ``noise``, ``background``, ``read_noise``, ``gain``, ``regularization``,
+        ``damping``, ``dering``, ``saturation``; the others are refused in one line.
 
     Returns
     -------
     dask.array.Array
         float32 (float64 for float64 input), the image's shape and chunks; nothing is computed
-        yet, except the image's range when it may be negative (one pass, for the pedestals).
+        yet, except one pass over the blocks on this machine when the image may be negative
+        (for the pedestals) or the options need the whole image's noise model or saturation
+        level.
 
     Raises
     ------
     GpudeconvError
-        Without Dask (``pip install gpudeconv[dask]``), or for bad input.
+        Without Dask (``pip install gpudeconv[dask]``), or for bad input or options.
     """
+    return _map_blocks(
+        array, psf, iterations, halo=halo, backend=backend, tile=tile, options=options
+    )[0]
+
+
+def _map_blocks(array, psf, iterations, *, halo, backend, tile, options, stacklevel=4):
+    """`deconvolve_dask`'s work: ``(restored, settings, measured)``, the settings of the
+    options and what was measured on the whole image (`gpudeconv.tiles._Measured`)."""
     da = _dask_array()
-    from .tiles import _validate_tile, halo_for, pedestals_of, plan_tiles
+    from .tiles import _measure, _tile_settings, _validate_tile, halo_for, plan_tiles
 
     iterations = rl._validate_iterations(iterations)
     rl._validate_image(array)
     is_colour = array.ndim == 3
     channels = array.shape[0] if is_colour else 1
+    settings = _tile_settings(options, channels)
+    dering = settings.dering > 0
     host_psf = _psf_spec(psf, channels, is_colour, array.shape[-2:])
-    halo = halo_for(_psf_size(host_psf), iterations) if halo is None else int(halo)
+    if halo is None:
+        halo = halo_for(_psf_size(host_psf), iterations, dering=dering)
+    halo = int(halo)
     if halo < 0:
         msg = f"halo must be a non-negative number of pixels, got {halo}"
         raise GpudeconvError(msg)
@@ -220,7 +247,11 @@ def deconvolve_dask(
         tile = _validate_tile(tile)
     elif not isinstance(array, da.Array):
         tile = plan_tiles(
-            array.shape, psf_size=_psf_size(host_psf), iterations=iterations, backend=backend
+            array.shape,
+            psf_size=_psf_size(host_psf),
+            iterations=iterations,
+            backend=backend,
+            dering=dering,
         ).tile
     image = array if isinstance(array, da.Array) else da.from_array(array, chunks=-1)
     # map_overlap needs blocks at least as deep as the halo (else it rechunks on its own, and
@@ -232,15 +263,32 @@ def deconvolve_dask(
     image = image.rechunk(((channels,),) * is_colour + (rows, cols))
     dtype = Backend.float_dtype(image.dtype)
 
-    pedestals = [0.0] * channels
-    if image.dtype.kind != "u":
-        planes = image if is_colour else image[None]
-        finite = da.isfinite(planes)
-        low = da.min(da.where(finite, planes, np.inf), axis=(-2, -1))
-        high = da.max(da.where(finite, planes, -np.inf), axis=(-2, -1))
+    starts = tuple(
+        tuple(int(start) for start in np.cumsum((0, *chunks[:-1]))) for chunks in (rows, cols)
+    )
+    cores = [
+        (y0, y0 + h, x0, x0 + w)
+        for y0, h in zip(starts[0], rows, strict=True)
+        for x0, w in zip(starts[1], cols, strict=True)
+    ]
+
+    def read(core):
+        y0, y1, x0, x1 = core
+        block = image[..., y0:y1, x0:x1]
         # one reader, read in order here: threads sharing a FITS or zarr handle could race
-        low, high = da.compute(low, high, scheduler="synchronous")
-        pedestals = pedestals_of(low, high, stacklevel=3)
+        block = np.asarray(block.compute(scheduler="synchronous"))
+        return block if is_colour else block[None]
+
+    measured = _measure(
+        read,
+        cores,
+        image.shape,
+        dtype,
+        settings,
+        unsigned=image.dtype.kind == "u",
+        stacklevel=stacklevel,
+    )
+    pedestals = list(measured.pedestals)
     lifted = image.astype(dtype)
     if any(pedestals):
         shift = np.asarray(pedestals, dtype=dtype)
@@ -248,9 +296,6 @@ def deconvolve_dask(
 
     # no overlap along an axis of one block: it has no neighbour
     depths = tuple(halo if len(chunks) > 1 else 0 for chunks in (rows, cols))
-    starts = tuple(
-        tuple(int(start) for start in np.cumsum((0, *chunks[:-1]))) for chunks in (rows, cols)
-    )
     function = functools.partial(
         _restore_block,
         psf=host_psf,
@@ -260,9 +305,10 @@ def deconvolve_dask(
         colour=channels if is_colour else 0,
         depths=depths,
         starts=starts,
+        settings=measured.channel_settings(settings),
     )
     depth = dict(enumerate((0,) * is_colour + depths))
-    return lifted.map_overlap(
+    restored = lifted.map_overlap(
         function,
         depth=depth,
         boundary="none",
@@ -271,6 +317,7 @@ def deconvolve_dask(
         dtype=dtype,
         meta=np.empty((0,) * lifted.ndim, dtype=dtype),
     )
+    return restored, settings, measured
 
 
 def run_on_cluster(
@@ -287,6 +334,8 @@ def run_on_cluster(
     history=None,
     header_extra: dict | None = None,
     psf_description: str | None = None,
+    options: dict | None = None,
+    method: str = "rl",
 ):
     """Restore an image file into another on a Dask cluster, block by block.
 
@@ -309,6 +358,11 @@ def run_on_cluster(
     overwrite : bool
     history, header_extra, psf_description
         Header provenance, as for `gpudeconv.tiles.deconvolve_file`.
+    options : dict, optional
+        `richardson_lucy`'s options that tiles take, as for `deconvolve_dask`; recorded in
+        the HISTORY with each channel's noise model and saturation level.
+    method : str
+        The method's name in the HISTORY (e.g. ``'rl-tv'``).
 
     Returns
     -------
@@ -328,8 +382,12 @@ def run_on_cluster(
         TileRunReport,
         _describe_psf,
         _fsync_folder,
+        _history_items,
+        _options_record,
         _partial_paths,
         _remove,
+        _tile_settings,
+        _validate_options,
         plan_tiles,
     )
 
@@ -338,9 +396,11 @@ def run_on_cluster(
     check_output_path(target, overwrite=overwrite)
     name = backend.name if isinstance(backend, Backend) else str(backend)
     iterations = rl._validate_iterations(iterations)
+    options = _validate_options(options)
     reader = open_tile_reader(input_path)
     reader.close()  # the workers open their own
     channels = reader.channels
+    dering = _tile_settings(options, channels).dering > 0
     host_psf = _psf_spec(psf, channels, reader.ndim == 3, reader.shape[-2:])
     plan = plan_tiles(  # without a tile, from the memory of this machine's backend
         reader.shape,
@@ -348,39 +408,43 @@ def run_on_cluster(
         iterations=iterations,
         backend=backend if tile is None else "numpy",
         tile=tile,
+        dering=dering,
     )
     chunks = ((-1,) if reader.ndim == 3 else ()) + (plan.tile, plan.tile)
     stat = input_path.stat()
     token = f"gpudeconv-read-{input_path.resolve()}-{stat.st_size}-{stat.st_mtime_ns}"
     meta = np.empty((0,) * reader.ndim, dtype=reader.dtype)
     image = da.from_array(reader, chunks=chunks, name=token, lock=False, asarray=False, meta=meta)
-    restored = deconvolve_dask(
-        image,
-        psf if isinstance(host_psf, list) else host_psf,  # validated once, warned once
-        iterations,
-        halo=plan.halo,
-        backend=backend,
-    )
-    header = provenance_header(
-        reader.header,
-        method="rl",
-        psf=psf_description or _describe_psf(psf),
-        iterations=iterations,
-        backend=name,
-        extra={
-            "tiles": f"{plan.tile} px, halo {plan.halo} px, on Dask",
-            **(header_extra or {}),
-        },
-    )
-    for line in [history] if isinstance(history, str) else list(history or ()):
-        header.add_history(line)
     partial, journal = _partial_paths(target)
-    if journal.exists() and not overwrite:
+    if journal.exists() and not overwrite:  # before the image is read for its statistics
         msg = (
             f"{target} has an interrupted tiled run to continue ({journal.name}): run again "
             "without Dask and with --resume, or pass --overwrite to start afresh"
         )
         raise GpudeconvError(msg)
+    restored, settings, measured = _map_blocks(
+        image,
+        psf if isinstance(host_psf, list) else host_psf,  # validated once, warned once
+        iterations,
+        halo=plan.halo,
+        backend=backend,
+        tile=None,
+        options=options,
+    )
+    header = provenance_header(
+        reader.header,
+        method=method,
+        psf=psf_description or _describe_psf(psf),
+        iterations=iterations,
+        backend=name,
+        extra={
+            "tiles": f"{plan.tile} px, halo {plan.halo} px, on Dask",
+            **_history_items(settings, measured, iterations),
+            **(header_extra or {}),
+        },
+    )
+    for line in [history] if isinstance(history, str) else list(history or ()):
+        header.add_history(line)
     _remove(partial, journal)
     writer = create_tile_output(partial, reader.shape, restored.dtype, header, fmt=fmt)
     started = time.perf_counter()
@@ -426,4 +490,7 @@ def run_on_cluster(
         tiles_resumed=0,
         seconds=seconds,
         mpix_it_per_s=pixels * iterations / seconds / 1e6 if seconds > 0 else 0.0,
+        options=_options_record(settings),
+        noise=measured.noise,
+        saturation=measured.saturation,
     )

@@ -251,3 +251,34 @@ def test_report_must_not_overwrite_the_input(frame, tmp_path, capsys):
     code, _, err = run(argv, capsys)
     assert_one_line_error(code, err, "is the input file")
     assert not out.exists()
+
+
+def test_tiled_run_takes_the_local_options(frame, tmp_path, capsys):
+    whole, tiled = tmp_path / "whole.fits", tmp_path / "tiled.fits"
+    argv = ["deconvolve", frame, "--psf-fwhm", "3", "--psf-model", "gaussian", "--iterations"]
+    argv += ["8", "--method", "rl-tv", "--dering", "0.5", "--quiet"]
+    code, _, err = run([*argv, "-o", whole], capsys)
+    assert code == 0, err
+    code, _, err = run([*argv, "-o", tiled, "--tile", "64"], capsys)
+    assert code == 0, err
+    expected, result = fits.getdata(whole), fits.getdata(tiled)
+    span = float(expected.max() - expected.min())
+    assert np.max(np.abs(result - expected)) <= 1e-4 * span
+    history = history_of(tiled)
+    assert "regularization=0.005" in history and "dering=0.5" in history
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--accelerate"], "accelerate"),
+        (["--method", "wiener"], "--method wiener needs the whole image"),
+        (["--report", "run.json"], "--report needs the whole image"),
+    ],
+)
+def test_tiled_run_refuses_whole_image_options(frame, tmp_path, capsys, flags, match):
+    out = tmp_path / "out.fits"
+    argv = ["deconvolve", frame, "-o", out, "--psf-fwhm", "3", "--tile", "64", "--quiet"]
+    code, _, err = run([*argv, *flags], capsys)
+    assert_one_line_error(code, err, match)
+    assert not out.exists()

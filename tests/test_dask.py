@@ -13,8 +13,10 @@ from astropy.io import fits
 from helpers import star_field
 
 import gpudeconv as gd
-from gpudeconv import GpudeconvError
+from gpudeconv import GpudeconvError, tiles
 from gpudeconv.backend._numpy import NumPyBackend
+from gpudeconv.restore.noise import estimate_noise
+from gpudeconv.synthetic import make_scene
 
 PSF = gd.psf.moffat(3.5)  # 25 x 25
 # FFTW on one thread, as in test_tiles.py: the tests share their cores with other runs
@@ -118,6 +120,51 @@ def test_run_on_cluster_starts_its_own_local_cluster(tmp_path):
     assert np.abs(data - whole).max() <= 1e-3 * image_range(image)
 
 
+def test_options_on_blocks_match_the_tiles():
+    # the noise model and the saturation level measured once on the client, as the tiles do
+    scene = make_scene((300, 340), seed=3, saturation=3000.0, nan_border=12)
+    image = scene.observed[:, ::-1].copy()  # a clipped star near a block's edge
+    options = {"noise": "auto", "damping": 3.0, "dering": 0.5, "saturation": "auto"}
+    tiled = tiles.deconvolve_tiled(image, scene.psf, 6, backend=CPU, tile=128, options=options)
+    blocks = deconvolve_dask(image, scene.psf, 6, backend=CPU, tile=128, options=options)
+    result = blocks.compute(scheduler="threads")
+    np.testing.assert_array_equal(np.isnan(result), np.isnan(image))
+    # Next to the NaN border each tile or block starts its no-data pixels from the mean of its
+    # own data, and blocks at the edges are cut where tiles shift inwards: there plain RL's
+    # blocks and tiles differ by up to 5e-3 of the range from the whole image, with these
+    # options too (measured); further in, at float32 rounding.
+    inner = (slice(52, -52),) * 2
+    assert np.nanmax(np.abs(result - tiled)[inner]) <= 1e-4 * image_range(image)
+    plain = deconvolve_dask(image, scene.psf, 6, backend=CPU, tile=128).compute()
+    assert np.nanmax(np.abs(plain - result)) > 1e-2 * image_range(image)  # they did act
+
+
+def test_run_on_cluster_with_options_records_them(cluster, tmp_path):
+    scene = make_scene((200, 230), seed=4, nan_border=8)
+    path = tmp_path / "in.fits"
+    fits.PrimaryHDU(scene.observed).writeto(path)
+    options = {"noise": "auto", "regularization": 0.005}
+    report = run_on_cluster(
+        path,
+        tmp_path / "out.fits",
+        scene.psf,
+        4,
+        address=cluster.scheduler.address,
+        backend=CPU,
+        tile=96,
+        options=options,
+        method="rl-tv",
+    )
+    assert report.noise == (estimate_noise(scene.observed),)
+    data, header = gd.read_image(tmp_path / "out.fits")
+    history = " ".join(header["HISTORY"])
+    assert (
+        "rl-tv, 4 iterations" in history and "options: noise=auto regularization=0.005" in history
+    )
+    tiled = tiles.deconvolve_tiled(path, scene.psf, 4, backend=CPU, tile=96, options=options)
+    assert np.nanmax(np.abs(data - tiled)) <= 2e-3 * image_range(scene.observed)
+
+
 def test_bad_input_is_refused_before_any_work():
     with pytest.raises(GpudeconvError, match="iterations must be a positive integer"):
         deconvolve_dask(np.ones((64, 64), np.float32), PSF, 0)
@@ -126,3 +173,8 @@ def test_bad_input_is_refused_before_any_work():
     field = gd.psf.aberrated_field((100, 100), (2, 2), fwhm_centre=2, fwhm_corner=3)
     with pytest.raises(GpudeconvError, match="made for images of 100x100"):
         deconvolve_dask(np.ones((64, 64), np.float32), field, 3)
+    with pytest.raises(GpudeconvError, match=r"^stop='change' cannot be used in tiles: ") as caught:
+        deconvolve_dask(np.ones((64, 64), np.float32), PSF, 3, options={"stop": "change"})
+    assert "\n" not in str(caught.value)
+    with pytest.raises(GpudeconvError, match="^accelerate=True cannot be used in tiles"):
+        run_on_cluster("in.fits", "out.fits", PSF, 2, options={"accelerate": True})

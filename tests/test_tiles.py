@@ -455,7 +455,8 @@ def test_out_of_memory_halves_the_tile(cpu, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ memory
 
 
-def test_the_driver_reads_tile_windows_only(cpu):
+@pytest.mark.parametrize("options", [None, {"noise": "auto", "saturation": "auto"}])
+def test_the_driver_reads_tile_windows_only(cpu, options):
     image = star_field((400, 600), seed=14, n_stars=60)
     windows = []
 
@@ -466,10 +467,13 @@ def test_the_driver_reads_tile_windows_only(cpu):
 
     plan = tiles.plan_tiles(image.shape, psf_size=25, iterations=3, tile=100)
     writer = types.SimpleNamespace(write=lambda window, block: None, sync=lambda: None)
-    tiles.restore_tiled(Recording(image), writer, PSF, 3, backend=cpu, plan=plan, progress=False)
+    tiles.restore_tiled(
+        Recording(image), writer, PSF, 3, backend=cpu, plan=plan, progress=False, options=options
+    )
     allowed = {t.read for t in plan.tiles} | {t.core for t in plan.tiles}
     assert set(windows) <= allowed
-    # each core once (the range of the data, for the pedestal), each window once
+    # each core once (the range of the data for the pedestal, the noise model's boxes and the
+    # saturation plateau), each window once
     assert sorted(windows) == sorted([t.core for t in plan.tiles] + [t.read for t in plan.tiles])
     largest = max((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in windows)
     assert largest == plan.read_shape[0] * plan.read_shape[1] < image.size / 5
@@ -592,12 +596,13 @@ def test_tile_writer_round_trips_interleaved_and_planar_layouts(tmp_path):
 
 def test_deconvolve_streams_paths_and_tiles(tmp_path):
     """`gd.deconvolve`: tile= streams through the tile driver (a path too when it does not fit
-    in memory); the results agree with the in-core restoration."""
+    in memory); the results agree with the in-core restoration (the noise model estimated on
+    the whole image in both)."""
     data = star_field((150, 170), seed=31)
     path = tmp_path / "in.fits"
     fits.PrimaryHDU(data).writeto(path)
     psf = gd.psf.moffat(3.0, size=11)
-    expected = gd.richardson_lucy(data, psf, 6)
+    expected = gd.deconvolve(data, psf, iterations=6)
     span = float(expected.max() - expected.min())
     for image, tile in ((path, None), (path, 64), (data, 64)):
         result = gd.deconvolve(image, psf, iterations=6, tile=tile)
