@@ -7,10 +7,12 @@ import json
 
 import numpy as np
 import pytest
+import scipy.ndimage
 from helpers import reference_regularized_rl, star_field, to_numpy
 
 import gpudeconv as gd
 from gpudeconv import GpudeconvError
+from gpudeconv.restore import rl
 from gpudeconv.restore.noise import NoiseModel
 
 PSF = gd.psf.gaussian(3.0, size=13)  # the blur of star_field
@@ -139,6 +141,74 @@ def test_saturated_pixels_leave_the_fit(backend):
     assert info.channels[0].saturation == pytest.approx(level, rel=1e-3)
 
 
+def test_saturated_stars_keep_a_bright_core_and_their_light(backend):
+    # Stars clipped at a third of their peaks or less. Their pixels are lower bounds of the
+    # light: the restoration may add light there, never take it away. Left out of the fit, the
+    # clipped cores came out hollow, under half the level, with a third of the clipped flux.
+    truth = star_field(seed=3, n_stars=25, sky=200.0)
+    level = float(np.percentile(truth, 99.7))
+    clipped = np.minimum(truth, level)
+    restored = to_numpy(
+        gd.richardson_lucy(backend.asarray(clipped), PSF, 30, backend=backend, saturation=level)
+    )
+    # each star with the 10 pixels around its clipped core: what RL moves stays inside
+    around = scipy.ndimage.binary_dilation(clipped >= level, iterations=10)
+    stars, count = scipy.ndimage.label(around)
+    assert count >= 5
+    labels = np.arange(1, count + 1)
+
+    def light(image):
+        return scipy.ndimage.sum(image - 200.0, stars, labels)
+
+    assert np.all(light(restored) >= 0.99 * light(clipped))
+    assert light(restored).sum() >= 1.1 * light(clipped).sum()  # some of the clipped light
+    assert np.all(light(restored) <= 1.05 * light(truth))  # and invents none
+    peaks = scipy.ndimage.maximum_position(truth, stars, labels)
+    assert all(restored[peak] >= level for peak in peaks)  # bright, not hollow
+
+
+@pytest.mark.parametrize("options", [{"dering": 0.5}, {"regularization": 0.01}], ids=str)
+def test_a_wide_nodata_border_changes_nothing_inside(backend, options):
+    # Plain RL measures its noise level (deringing's allowance, TV's gradient scale) on the
+    # data: no-data pixels must not count, or two thirds of no-data made it 0.
+    image = field(seed=2)
+    bordered = image.copy()
+    bordered[:, :116] = np.nan
+    inside = (slice(20, -20), slice(136, -20))
+    restored = to_numpy(gd.richardson_lucy(bordered, PSF, 20, backend=backend, **options))
+    alone = to_numpy(gd.richardson_lucy(image[:, 116:], PSF, 20, backend=backend, **options))
+    error = np.abs(restored[inside] - alone[20:-20, 20:-20]).max() / np.ptp(alone)
+    assert error <= 1e-4
+
+
+def test_no_pass_is_made_that_no_option_asked_for(backend, monkeypatch):
+    # The data term costs a pass and a device sync an iteration, and the noise level of plain
+    # RL a median: neither without an option or return_info that uses it.
+    deviances = []
+    real = type(backend).rl_deviance
+
+    def counted(self, *args, **kwargs):
+        deviances.append(1)
+        return real(self, *args, **kwargs)
+
+    def unasked(*args):
+        raise AssertionError("the noise level was measured without TV or deringing")
+
+    monkeypatch.setattr(type(backend), "rl_deviance", counted)
+    monkeypatch.setattr(rl, "_rough_sigma", unasked)
+    image = field(seed=10)
+    colour = np.stack([image, 0.8 * image, 0.6 * image])
+    gd.richardson_lucy(colour, PSF, 3, backend=backend, luminance=True, noise="auto")
+    level = float(np.percentile(image, 99.9))
+    gd.richardson_lucy(np.minimum(image, level), PSF, 3, backend=backend, saturation=level)
+    assert deviances == []
+    _, info = gd.richardson_lucy(
+        colour, PSF, 3, backend=backend, luminance=True, noise="auto", return_info=True
+    )
+    assert len(deviances) == 3 and len(info.channels[0].data_term) == 3
+    assert info.options["luminance"] is True
+
+
 def test_dering_holds_the_estimate_above_its_envelope(backend):
     image = field(seed=8)
     plain = to_numpy(gd.richardson_lucy(image, PSF, 60, backend=backend))
@@ -168,6 +238,7 @@ def test_luminance_mode_changes_every_channel_alike(backend):
         ({"saturation": "high"}, "saturation must be None, 'auto' or a level"),
         ({"noise": "loud"}, "noise must be None, 'auto' or a NoiseModel"),
         ({"read_noise": 5.0}, "read_noise (electrons) and gain"),
+        ({"saturation": 0.0}, "every pixel is at or above the saturation level 0"),
         ({"luminance": True}, "luminance=True restores the luminance of a colour"),
     ],
 )

@@ -143,11 +143,15 @@ class ChannelInfo:
     data_term : list of float
         The data term before each update, as a reduced Poisson deviance: the mean over observed
         pixels of the deviance in noise units, about 1 when the model fits the data to its noise
-        (recorded when asked for, or needed by the stopping rule or acceleration).
+        (recorded when asked for, or needed by the stopping rule or acceleration). Without a
+        noise model (plain RL) the deviance is of the data scaled to a maximum of 1, not in
+        noise units: comparable between iterations only.
     noise : NoiseModel or None
         The noise model of the data term (None: plain Poisson RL on the data as given).
     saturated : int
-        Pixels left out of the data term as saturated (the detected ones and their neighbours).
+        Pixels whose data is only a lower bound, as saturated (the detected ones and their
+        neighbours): left out of the data term, and the model is raised to them, never pulled
+        down.
     saturation : float or None
         The saturation level used.
     restarts : int
@@ -382,9 +386,12 @@ def richardson_lucy(
         dark rings that RL digs around bright stars are held near the local background, as
         PixInsight's deringing does. 1 holds them at the envelope, 0.5 one sigma under it.
     saturation : None, 'auto' or float
-        Pixels at or above this level, and their neighbours, are left out of the data term, so
-        saturated stars keep their flux and grow no dark rings: ``'auto'`` takes the data's
-        maximum plateau (`~gpudeconv.restore.noise.saturation_level`).
+        Pixels at or above this level, and their neighbours, are censored data (Whyte et al.
+        [8]_): the true light there is at least what was recorded, so the model is raised where
+        it falls short of them and left free where it exceeds them. Saturated stars keep a
+        bright, peaked core and the light that clipping took from it, instead of the flat or
+        hollow core of plain RL. ``'auto'`` takes the data's maximum plateau
+        (`~gpudeconv.restore.noise.saturation_level`).
     luminance : bool
         Colour only: restore the luminance (the mean of the channels) and put the original
         chrominance back (each channel gains the luminance's change), for noisy colour data.
@@ -413,7 +420,8 @@ def richardson_lucy(
               \\frac{u}{H^T w - \\lambda\\,\\mathrm{div}\\frac{\\nabla u}{|\\nabla u|}}
               \\cdot H^T\\!\\left(\\frac{w\\,[d + \\alpha]_+}{H u + b + \\alpha}\\right)
 
-    (:math:`b = \\alpha = 0` for plain RL; the restored image is :math:`u + b`). Inside the frame
+    (:math:`b = \\alpha = 0` for plain RL; the restored image is :math:`u + b`); on saturated
+    pixels the ratio is raised to at least 1. Inside the frame
     :math:`H^T w = 1` and without the TV term this is the plain iteration of [1]_ and [2]_. The
     damped ratio replaces the ratio by White's damped form. The estimate starts from the
     observed image. The image is padded by reflection by the PSF radius, and the estimate
@@ -440,6 +448,8 @@ def richardson_lucy(
            Proc. SPIE 2198, 1342. :doi:`10.1117/12.176813`
     .. [7] Biggs, D. S. C. & Andrews, M. (1997), "Acceleration of iterative image restoration
            algorithms", Applied Optics 36, 1766. :doi:`10.1364/AO.36.001766`
+    .. [8] Whyte, O., Sivic, J. & Zisserman, A. (2014), "Deblurring shaken and partially
+           saturated images", IJCV 110, 185. :doi:`10.1007/s11263-014-0727-3`
     """
     backend = backend_for(image, backend)
     _validate_image(image)
@@ -471,7 +481,7 @@ def richardson_lucy(
         from .colour import recombine
 
         before = luminance_of(data)
-        after, info = richardson_lucy(
+        restored = richardson_lucy(
             before,
             _mean_psf(psf, channels, backend),
             iterations,
@@ -487,14 +497,17 @@ def richardson_lucy(
             tolerance=tolerance,
             dering=dering,
             saturation=saturation,
-            return_info=True,
+            return_info=return_info,  # the data term costs a pass an iteration: only if asked
             progress=progress,
             callback=callback,
         )
+        after, info = restored if return_info else (restored, None)
         result = recombine(data, before, after)
-        info.options["luminance"] = True
         result = result if is_cupy_array(image) else backend.to_host(result)
-        return (result, info) if return_info else result
+        if not return_info:
+            return result
+        info.options["luminance"] = True
+        return result, info
 
     operators = _operators(psf, image.shape[-2:], channels, is_colour, backend)
     planes = data if is_colour else data[None]
@@ -600,19 +613,22 @@ def _restore_plane(
         restored = xp.full_like(observed, np.nan)
         return (restored, record) if info else restored
 
-    fitted = valid
+    # Saturated pixels (and their neighbours, off the sensor's linear range) are censored data:
+    # the light there is at least what was recorded (the clipped response of Whyte et al.
+    # 2014). Left out of the fit instead, they let the wings, over-predicted in the first
+    # iterations, pull the core down: saturated stars came out hollow and dimmer than their
+    # clipped data (they kept a third of it on a FWHM-3 star field).
+    censored = None
     level = _saturation(observed, valid, settings.saturation, backend)
     if level is not None:
-        saturated = _grow(valid & (observed >= dtype(level)), xp)
-        record.saturation, record.saturated = level, int(saturated.sum())
-        fitted = valid & ~saturated
-        if not bool(fitted.any()):
+        censored = _grow(valid & (observed >= dtype(level)), xp)
+        record.saturation, record.saturated = level, int(censored.sum())
+        if not bool((valid & ~censored).any()):
             msg = (
                 f"every pixel is at or above the saturation level {level:g}; give a higher "
                 "saturation level, or none"
             )
             raise GpudeconvError(msg)
-    has_gaps = has_nodata or fitted is not valid
 
     # The data term, at unit scale: RL does not depend on the data's scale, and unit scale
     # keeps the division guard meaningful for flux-calibrated data (pixel values of 1e-14).
@@ -644,15 +660,15 @@ def _restore_plane(
         # sky noise.
         floor = dtype(0.1 * model.sigma / scale)
         start = xp.maximum((observed + dtype(pedestal)) * dtype(1 / scale), floor)
-    if has_gaps:
-        data = xp.where(fitted, data, dtype(0))
+    if has_nodata:
+        data = xp.where(valid, data, dtype(0))
 
     ry, rx = operator.radius
     frame = ((ry, ry), (rx, rx))
     mode = "reflect" if min(data.shape) > max(ry, rx) else "symmetric"
     padded = xp.pad(data, frame, mode=mode)
-    if has_gaps:
-        observed_weight = xp.pad(fitted.astype(data.dtype), frame, mode=mode)
+    if has_nodata:
+        observed_weight = xp.pad(valid.astype(data.dtype), frame, mode=mode)
     else:
         observed_weight = xp.ones_like(padded)
     weight = xp.pad(observed_weight, frame)  # the unobserved ring: weight 0
@@ -665,26 +681,39 @@ def _restore_plane(
         estimate = xp.where(reach > 0, estimate, fill)
         del reach
     norm = operator.adjoint(weight)
-    observed_count = float(weight.sum())
     damped = settings.damping is not None
-    if not damped and not settings.record and settings.stop != "noise" and not settings.accelerate:
+    watch_fit = settings.record or settings.stop == "noise" or settings.accelerate
+    # 1 on censored pixels, where the ratio is raised to at least 1: d / (H u) where the model
+    # falls short of the data, 1 (no pull) where it exceeds it; 0 elsewhere (ratios are >= 0)
+    lower_bound = None
+    fit_weight = weight  # the data term's weights: censored pixels are no measurement
+    if censored is not None:
+        lower_bound = xp.pad(xp.pad(censored.astype(data.dtype), frame, mode=mode), frame)
+        if watch_fit:
+            fit_weight = weight * (1 - lower_bound)
+    observed_count = float(fit_weight.sum()) if watch_fit else None
+    if not watch_fit:
+        fit_weight = None
+    if not damped:
         weight = None  # only the normalization needs it
-    del observed_weight
+    del observed_weight, censored
 
-    # the sky noise at unit scale: TV's and deringing's yardstick
-    sigma = model.sigma / scale if model is not None else _rough_sigma(data, xp)
+    # the sky noise at unit scale: TV's and deringing's yardstick (plain RL: measured on the
+    # data, no-data pixels left out, as NaN in `start`)
+    sigma = None
+    if settings.regularization > 0 or settings.dering > 0:
+        sigma = model.sigma / scale if model is not None else _rough_sigma(start, xp)
     envelope = None
     if settings.dering > 0:
         envelope = _dering_floor(padded, operator, shift, settings.dering, sigma, backend)
         envelope = xp.pad(envelope, frame)  # nothing to hold up in the unobserved ring
     tv_norm = xp.empty_like(estimate) if settings.regularization > 0 else None
     # TV's gradient scale: below a tenth of the noise a gradient counts as flat.
-    epsilon = 0.1 * sigma
+    epsilon = 0.1 * sigma if sigma is not None else None
     damping = None
     if damped:
         damping = (counts / settings.damping**2, DAMPING_POWER)
 
-    watch_fit = settings.record or settings.stop == "noise" or settings.accelerate
     track_change = settings.accelerate or settings.stop == "change"
     change = xp.zeros_like(estimate) if track_change else None
     if settings.accelerate:
@@ -701,15 +730,15 @@ def _restore_plane(
             backend.ba_extrapolate(estimate, previous, alpha)
         operator.forward(estimate, out=blurred)
         if watch_fit:
-            deviance = backend.rl_deviance(extended, blurred, weight, background=shift)
+            deviance = backend.rl_deviance(extended, blurred, fit_weight, background=shift)
             # in noise units: counts per working unit scale the Poisson deviance
             fit = deviance * (counts if counts is not None else 1.0) / observed_count
             record.data_term.append(fit)
         # The data is 0 wherever the weight is (no-data pixels, the unobserved ring), so the
         # plain ratio is already 0 there; the damped ratio is not and takes the weights.
-        ratio = backend.rl_ratio(
-            extended, blurred, weight if damped else None, background=shift, damping=damping
-        )
+        ratio = backend.rl_ratio(extended, blurred, weight, background=shift, damping=damping)
+        if lower_bound is not None:
+            xp.maximum(ratio, lower_bound, out=ratio)
         operator.adjoint(ratio, out=correction)
         scale_by = norm
         if tv_norm is not None:
