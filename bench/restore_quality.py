@@ -34,6 +34,7 @@ COLUMNS = (
     "flux_ratio",
     "flux_median",
     "stars",
+    "saturated_flux",
 )
 
 
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
                 f"Biggs-Andrews: the data term of 50 plain iterations "
                 f"({fast['plain_data_term_at_50']:.4f}) after "
                 f"{fast['accelerated_iterations_to_reach']} accelerated iterations "
-                f"({fast['accelerated_restarts']} restarts).",
+                f"({fast['accelerated_restarts']} restarts). Light of the saturated stars "
+                f"in the observed frame: {figures['observed_saturated_flux']:.3f} of the truth.",
                 "",
             ]
             print("\n".join(lines[-(len(figures["methods"]) + 7) :]), flush=True)

@@ -236,8 +236,8 @@ def _add_method_arguments(run) -> None:
         type=_saturation,
         default="auto",
         metavar="auto|LEVEL|none",
-        help="leave saturated pixels out of the fit: auto (default) from the header's SATURATE "
-        "or DATAMAX or the data's maximum plateau, a level in data units, or none",
+        help="treat saturated pixels as lower bounds of the light: auto (default) from the "
+        "header's SATURATE or DATAMAX or the data's maximum plateau, a level, or none",
     )
     method.add_argument(
         "--luminance",

@@ -57,3 +57,12 @@ def test_regularized_rl_gains_psnr_on_a_planet():
     assert figures["rl"] > figures["blurred"]
     assert figures["rl-tv"] > figures["rl"] + 0.3
     assert figures["wiener"] > figures["blurred"]
+
+
+def test_saturated_stars_keep_their_light_and_regain_some(deep_sky):
+    clipped = deep_sky["observed_saturated_flux"]
+    assert clipped < 0.9  # clipping took light from the saturated stars
+    for name, row in deep_sky["methods"].items():
+        assert row["saturated_flux"] >= clipped - 0.01, name
+    # as censored data (lower bounds), the clipped cores get back part of the lost light
+    assert deep_sky["methods"]["rl+saturation"]["saturated_flux"] >= clipped + 0.03
