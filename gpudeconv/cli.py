@@ -522,6 +522,7 @@ def _restore(args, image, header, kernel, backend):
         args.iterations,
         backend=backend,
         return_info=True,
+        record_fit=bool(args.report),  # the fit of every iteration only for the report
         progress=not args.quiet,
         **_rl_options(args, header),
     )

@@ -247,3 +247,15 @@ def test_bad_options_are_one_line_errors(options, message):
         gd.richardson_lucy(field(), PSF, 2, **options)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_info_without_the_fit_history_costs_no_data_term(backend):
+    image = field(seed=11)
+    _, info = gd.richardson_lucy(
+        image, PSF, 4, backend=backend, noise="auto", return_info=True, record_fit=False
+    )
+    assert info.iterations == 4 and info.channels[0].data_term == []
+    _, info = gd.richardson_lucy(
+        image, PSF, 4, backend=backend, accelerate=True, return_info=True, record_fit=False
+    )
+    assert len(info.channels[0].data_term) == 4  # the acceleration's restart rule needs it

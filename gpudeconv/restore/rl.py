@@ -329,6 +329,7 @@ def richardson_lucy(
     saturation=None,
     luminance: bool = False,
     return_info: bool = False,
+    record_fit: bool = True,
     progress: bool = False,
     callback: Callable[[int, int], None] | None = None,
 ):
@@ -399,6 +400,10 @@ def richardson_lucy(
     return_info : bool
         Also return a :class:`RestorationInfo` (iterations, why they stopped, the data term of
         every iteration, the noise models).
+    record_fit : bool
+        With ``return_info``: compute the data term of every iteration (one more pass over the
+        image an iteration, 5-15 %); False records it only where a stopping rule or the
+        acceleration computes it anyway.
     progress : bool
         Show a tqdm progress bar over all iterations of all channels.
     callback : callable(done, total), optional
@@ -471,7 +476,7 @@ def richardson_lucy(
         tolerance,
         dering,
         saturation,
-        return_info,
+        return_info and record_fit,
         1 if luminance else channels,
     )
     dtype = backend.float_dtype(image.dtype)
@@ -498,6 +503,7 @@ def richardson_lucy(
             dering=dering,
             saturation=saturation,
             return_info=return_info,  # the data term costs a pass an iteration: only if asked
+            record_fit=record_fit,
             progress=progress,
             callback=callback,
         )
