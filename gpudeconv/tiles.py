@@ -462,19 +462,19 @@ def _tile_settings(options, channels: int) -> rl._Settings:
     still as given: `_measure` resolves them for the whole image)."""
     options = _validate_options(options)
     return rl._settings(
-        options.get("noise"),
-        options.get("background"),
-        options.get("read_noise"),
-        options.get("gain"),
-        options.get("regularization", 0.0),
-        options.get("damping"),
-        False,  # accelerate
-        None,  # stop
-        options.get("tolerance", 1e-3),
-        options.get("dering", 0.0),
-        options.get("saturation"),
-        False,  # record
-        channels,
+        noise=options.get("noise"),
+        background=options.get("background"),
+        read_noise=options.get("read_noise"),
+        gain=options.get("gain"),
+        regularization=options.get("regularization", 0.0),
+        damping=options.get("damping"),
+        accelerate=False,
+        stop=None,
+        tolerance=options.get("tolerance", 1e-3),
+        dering=options.get("dering", 0.0),
+        saturation=options.get("saturation"),
+        record=False,
+        channels=channels,
     )
 
 

@@ -17,6 +17,11 @@ import gpudeconv as gd
 PSF = gd.psf.gaussian(3.0)  # the blur of star_field
 
 
+def command(source, out, *flags) -> list:
+    """``gpudeconv deconvolve`` of ``source`` into ``out`` with star_field's Gaussian PSF."""
+    return ["deconvolve", source, "-o", out, "--psf-fwhm", "3", "--psf-model", "gaussian", *flags]
+
+
 def history_of(path) -> str:
     return " ".join(str(line) for line in fits.getheader(path)["HISTORY"])
 
@@ -34,18 +39,7 @@ def frame(tmp_path):
 
 def test_regularized_accelerated_run_matches_the_api_and_reports(frame, tmp_path, capsys):
     out, report = tmp_path / "sharp.fits", tmp_path / "run.json"
-    argv = [
-        "deconvolve",
-        frame,
-        "-o",
-        out,
-        "--psf-fwhm",
-        "3",
-        "--psf-model",
-        "gaussian",
-        "--iterations",
-        "40",
-    ]
+    argv = command(frame, out, "--iterations", "40")
     argv += ["--accelerate", "--stop", "noise", "--dering", "0.5"]
     code, _, err = run([*argv, "--report", report, "--quiet"], capsys)
     assert code == 0, err
@@ -80,18 +74,7 @@ def test_regularized_accelerated_run_matches_the_api_and_reports(frame, tmp_path
 def test_damped_strength_tv_and_wiener(frame, tmp_path, capsys):
     image = fits.getdata(frame)
     tv = tmp_path / "tv.fits"
-    argv = [
-        "deconvolve",
-        frame,
-        "-o",
-        tv,
-        "--psf-fwhm",
-        "3",
-        "--psf-model",
-        "gaussian",
-        "--iterations",
-        "8",
-    ]
+    argv = command(frame, tv, "--iterations", "8")
     code, _, err = run([*argv, "--method", "rl-tv", "--quiet"], capsys)
     assert code == 0, err
     expected = gd.richardson_lucy(
@@ -107,18 +90,7 @@ def test_damped_strength_tv_and_wiener(frame, tmp_path, capsys):
     np.testing.assert_allclose(fits.getdata(tv), expected, rtol=1e-5, atol=1e-3)
     assert "regularization=0.005" in history_of(tv)
     damped = tmp_path / "damped.fits"
-    argv = [
-        "deconvolve",
-        frame,
-        "-o",
-        damped,
-        "--psf-fwhm",
-        "3",
-        "--psf-model",
-        "gaussian",
-        "--iterations",
-        "8",
-    ]
+    argv = command(frame, damped, "--iterations", "8")
     code, _, err = run([*argv, "--method", "damped", "--regularization", "2", "--quiet"], capsys)
     assert code == 0, err
     expected = gd.richardson_lucy(
@@ -127,18 +99,7 @@ def test_damped_strength_tv_and_wiener(frame, tmp_path, capsys):
     np.testing.assert_allclose(fits.getdata(damped), expected, rtol=1e-5, atol=1e-3)
     assert "damping=2.0" in history_of(damped)
     filtered = tmp_path / "wiener.fits"
-    argv = [
-        "deconvolve",
-        frame,
-        "-o",
-        filtered,
-        "--psf-fwhm",
-        "3",
-        "--psf-model",
-        "gaussian",
-        "--method",
-        "wiener",
-    ]
+    argv = command(frame, filtered, "--method", "wiener")
     code, _, err = run([*argv, "--quiet"], capsys)
     assert code == 0, err
     np.testing.assert_allclose(fits.getdata(filtered), gd.wiener(image, PSF), rtol=1e-5, atol=1e-3)
@@ -154,19 +115,7 @@ def test_header_saturation_level_masks_the_clipped_cores(tmp_path, capsys):
     fits.PrimaryHDU(np.minimum(image, level), header=header).writeto(path)
     out = tmp_path / "out.fits"
     code, _, err = run(
-        [
-            "deconvolve",
-            path,
-            "-o",
-            out,
-            "--psf-fwhm",
-            "3",
-            "--psf-model",
-            "gaussian",
-            "--iterations",
-            "5",
-            "--quiet",
-        ],
+        command(path, out, "--iterations", "5", "--quiet"),
         capsys,
     )
     assert code == 0, err
@@ -178,18 +127,7 @@ def test_luminance_mode_on_colour(tmp_path, capsys):
     path = tmp_path / "colour.fits"
     fits.PrimaryHDU(colour).writeto(path)
     out = tmp_path / "out.fits"
-    argv = [
-        "deconvolve",
-        path,
-        "-o",
-        out,
-        "--psf-fwhm",
-        "3",
-        "--psf-model",
-        "gaussian",
-        "--iterations",
-        "6",
-    ]
+    argv = command(path, out, "--iterations", "6")
     code, _, err = run([*argv, "--luminance", "--quiet"], capsys)
     assert code == 0, err
     result = fits.getdata(out)
@@ -215,18 +153,7 @@ def test_luminance_mode_on_colour(tmp_path, capsys):
 def test_method_misuse_is_one_line(frame, tmp_path, capsys, flags, match):
     out = tmp_path / "out.fits"
     code, _, err = run(
-        [
-            "deconvolve",
-            frame,
-            "-o",
-            out,
-            "--psf-fwhm",
-            "3",
-            "--psf-model",
-            "gaussian",
-            "--quiet",
-            *flags,
-        ],
+        command(frame, out, "--quiet", *flags),
         capsys,
     )
     assert_one_line_error(code, err, match)
@@ -235,19 +162,7 @@ def test_method_misuse_is_one_line(frame, tmp_path, capsys, flags, match):
 
 def test_report_must_not_overwrite_the_input(frame, tmp_path, capsys):
     out = tmp_path / "out.fits"
-    argv = [
-        "deconvolve",
-        frame,
-        "-o",
-        out,
-        "--psf-fwhm",
-        "3",
-        "--psf-model",
-        "gaussian",
-        "--report",
-        frame,
-        "--quiet",
-    ]
+    argv = command(frame, out, "--report", frame, "--quiet")
     code, _, err = run(argv, capsys)
     assert_one_line_error(code, err, "is the input file")
     assert not out.exists()
@@ -255,11 +170,10 @@ def test_report_must_not_overwrite_the_input(frame, tmp_path, capsys):
 
 def test_tiled_run_takes_the_local_options(frame, tmp_path, capsys):
     whole, tiled = tmp_path / "whole.fits", tmp_path / "tiled.fits"
-    argv = ["deconvolve", frame, "--psf-fwhm", "3", "--psf-model", "gaussian", "--iterations"]
-    argv += ["8", "--method", "rl-tv", "--dering", "0.5", "--quiet"]
-    code, _, err = run([*argv, "-o", whole], capsys)
+    flags = ["--iterations", "8", "--method", "rl-tv", "--dering", "0.5", "--quiet"]
+    code, _, err = run(command(frame, whole, *flags), capsys)
     assert code == 0, err
-    code, _, err = run([*argv, "-o", tiled, "--tile", "64"], capsys)
+    code, _, err = run(command(frame, tiled, *flags, "--tile", "64"), capsys)
     assert code == 0, err
     expected, result = fits.getdata(whole), fits.getdata(tiled)
     span = float(expected.max() - expected.min())
@@ -278,7 +192,6 @@ def test_tiled_run_takes_the_local_options(frame, tmp_path, capsys):
 )
 def test_tiled_run_refuses_whole_image_options(frame, tmp_path, capsys, flags, match):
     out = tmp_path / "out.fits"
-    argv = ["deconvolve", frame, "-o", out, "--psf-fwhm", "3", "--tile", "64", "--quiet"]
-    code, _, err = run([*argv, *flags], capsys)
+    code, _, err = run(command(frame, out, "--tile", "64", "--quiet", *flags), capsys)
     assert_one_line_error(code, err, match)
     assert not out.exists()

@@ -229,6 +229,7 @@ def _finite(value):
 
 
 def _settings(
+    *,
     noise,
     background,
     read_noise,
@@ -464,20 +465,22 @@ def richardson_lucy(
     if luminance and not is_colour:
         msg = "luminance=True restores the luminance of a colour (C, H, W) image; this is 2-D"
         raise GpudeconvError(msg)
+    # the options of the steps, as a luminance restoration passes them on
+    options = {
+        "noise": noise,
+        "background": background,
+        "read_noise": read_noise,
+        "gain": gain,
+        "regularization": regularization,
+        "damping": damping,
+        "accelerate": accelerate,
+        "stop": stop,
+        "tolerance": tolerance,
+        "dering": dering,
+        "saturation": saturation,
+    }
     settings = _settings(
-        noise,
-        background,
-        read_noise,
-        gain,
-        regularization,
-        damping,
-        accelerate,
-        stop,
-        tolerance,
-        dering,
-        saturation,
-        return_info and record_fit,
-        1 if luminance else channels,
+        **options, record=return_info and record_fit, channels=1 if luminance else channels
     )
     dtype = backend.float_dtype(image.dtype)
     data = backend.asarray(image, dtype=dtype)
@@ -491,17 +494,7 @@ def richardson_lucy(
             _mean_psf(psf, channels, backend),
             iterations,
             backend=backend,
-            noise=noise,
-            background=background,
-            read_noise=read_noise,
-            gain=gain,
-            regularization=regularization,
-            damping=damping,
-            accelerate=accelerate,
-            stop=stop,
-            tolerance=tolerance,
-            dering=dering,
-            saturation=saturation,
+            **options,
             return_info=return_info,  # the data term costs a pass an iteration: only if asked
             record_fit=record_fit,
             progress=progress,
