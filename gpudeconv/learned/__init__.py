@@ -1,0 +1,1 @@
+"""Learned deconvolution: training data (`data`) and the network that restores from it."""
