@@ -13,8 +13,9 @@ from .restore import richardson_lucy
 __all__ = ["deconvolve", "METHODS", "method_options"]
 
 #: rl: Richardson-Lucy; rl-tv: with total-variation regularization; damped: White's damped RL;
-#: wiener: the closed-form Wiener filter.
-METHODS = ("rl", "rl-tv", "damped", "wiener")
+#: wiener: the closed-form Wiener filter; learned: the trained network
+#: (`gpudeconv.learned.infer.learned_deconvolve`).
+METHODS = ("rl", "rl-tv", "damped", "wiener", "learned")
 
 
 def method_options(method: str, regularization: float | None = None) -> dict:
@@ -61,10 +62,12 @@ def deconvolve(
         The PSF, or a field of PSFs that varies across the image. None (the default) estimates
         it from the image's stars with `gpudeconv.estimate_psf` (Moffat model; colour images
         on the sum of their channels, one PSF for all).
-    method : {'rl', 'rl-tv', 'damped', 'wiener'}
+    method : {'rl', 'rl-tv', 'damped', 'wiener', 'learned'}
         Richardson-Lucy; with total-variation regularization; White's damped RL; the Wiener
-        filter (one PSF, no iterations: `gpudeconv.restore.wiener`). The RL methods fit the
-        noise model estimated from the image (``noise='auto'``) unless ``noise=None`` is given.
+        filter (one PSF, no iterations: `gpudeconv.restore.wiener`); the trained network
+        (no iterations, in memory: `gpudeconv.learned.infer.learned_deconvolve`). The RL
+        methods fit the noise model estimated from the image (``noise='auto'``) unless
+        ``noise=None`` is given.
     iterations : int
     backend : {'auto', 'numpy', 'cupy'} or Backend, optional
     tile : int, optional
@@ -73,8 +76,8 @@ def deconvolve(
         does not fit the memory budget, and is restored whole otherwise. Tiles take the RL
         options that act locally (`gpudeconv.tiles.TILE_OPTIONS`), with the noise model and
         saturation level measured once on the whole image; ``accelerate``, ``stop``,
-        ``luminance``, ``callback`` and the Wiener filter need the whole frame and are
-        refused.
+        ``luminance``, ``callback``, the Wiener filter and the learned method (which tiles
+        inside, in memory) are refused.
     psf_grid : (ny, nx) tuple of int, optional
         With ``psf=None``: estimate a `PSFField` on this grid of nodes instead of one PSF.
     regularization : float, optional
@@ -83,7 +86,8 @@ def deconvolve(
     **options
         Passed to the method: `richardson_lucy`'s options (``accelerate``, ``stop``,
         ``dering``, ``saturation``, ``luminance``, ``noise``, ``progress``...) or
-        `gpudeconv.restore.wiener`'s (``nsr``).
+        `gpudeconv.restore.wiener`'s (``nsr``) or `learned_deconvolve`'s (``weights``,
+        ``progress``; its tile size only by calling it: ``tile=`` here means streaming).
 
     Returns
     -------
@@ -97,6 +101,8 @@ def deconvolve(
             "when giving psf="
         )
         raise GpudeconvError(msg)
+    if method == "learned":
+        return _learned(image, psf, backend=backend, tile=tile, psf_grid=psf_grid, **options)
     streams = tile is not None or (
         isinstance(image, (str, os.PathLike, np.memmap)) and not _fits_in_memory(image, psf)
     )
@@ -133,6 +139,36 @@ def deconvolve(
         return wiener(image, psf, backend=backend, **options)
     options.setdefault("noise", "auto")
     return richardson_lucy(image, psf, iterations, backend=backend, **extra, **options)
+
+
+def _learned(image, psf, *, backend, tile, psf_grid, **options):
+    """The learned method: in memory only (it tiles inside, with overlapping halos)."""
+    from .learned.infer import learned_deconvolve
+
+    unknown = sorted(set(options) - {"weights", "progress"})
+    if unknown:
+        msg = (
+            f"method 'learned' takes the options weights and progress, got {', '.join(unknown)} "
+            "(Richardson-Lucy or Wiener options): drop them or choose that method"
+        )
+        raise GpudeconvError(msg)
+    if tile is not None or (
+        isinstance(image, (str, os.PathLike, np.memmap)) and not _fits_in_memory(image, psf)
+    ):
+        msg = (
+            "the learned method restores in memory (overlapping tiles inside); pass an "
+            "in-memory image (an array, or a crop of the file) without tile="
+        )
+        raise GpudeconvError(msg)
+    if isinstance(image, (str, os.PathLike)):
+        from .io import read_image
+
+        image, _ = read_image(image)
+    if psf is None:
+        from .psf.estimate import estimate_psf
+
+        psf = estimate_psf(image, grid=psf_grid)
+    return learned_deconvolve(image, psf, backend=backend, **options)
 
 
 def _tile_options(method: str, extra: dict, options: dict) -> dict:

@@ -198,11 +198,12 @@ def _add_method_arguments(run) -> None:
     method = run.add_argument_group("method", "how to restore (defaults improve a stacked image)")
     method.add_argument(
         "--method",
-        choices=("rl", "rl-tv", "damped", "wiener"),
+        choices=("rl", "rl-tv", "damped", "wiener", "learned"),
         default="rl",
         help="rl: Richardson-Lucy; rl-tv: with total-variation regularization (less noise); "
         "damped: White's damped RL (stops fitting within the noise); wiener: one-step "
-        "Wiener filter",
+        "Wiener filter; learned: the trained network (deep-sky, FWHM 2-7 px; the environment "
+        "variable GPUDECONV_LEARNED_WEIGHTS names another weight file)",
     )
     method.add_argument(
         "--regularization",
@@ -492,7 +493,7 @@ def _deconvolve(args) -> int:
         how = (
             f"{iterations} iterations, stopped by {info.stopped}"
             if info is not None and info.stopped not in ("iterations", "")
-            else (f"{iterations} iterations" if info is not None else "Wiener filter")
+            else (f"{iterations} iterations" if info is not None else _ONE_STEP[args.method])
         )
         print(
             f"gpudeconv: wrote {output_path}{saved} ({args.method}, {how} on "
@@ -502,9 +503,13 @@ def _deconvolve(args) -> int:
     return 0
 
 
+#: How the methods without iterations say what they did.
+_ONE_STEP = {"wiener": "Wiener filter", "learned": "learned network"}
+
+
 def _restore(args, image, header, kernel, backend):
     """Restore ``image`` as the method options say: ``(restored, info, history)``, ``info`` a
-    `RestorationInfo` (None for Wiener) and ``history`` the HISTORY items of the options."""
+    `RestorationInfo` (None for Wiener and learned) and ``history`` the HISTORY items."""
     from .restore import richardson_lucy
 
     if args.method == "wiener":
@@ -516,6 +521,12 @@ def _restore(args, image, header, kernel, backend):
             raise GpudeconvError(msg)
         restored = wiener(image, kernel, backend=backend)
         return restored, None, {"options": "Wiener filter, noise-to-signal from the image"}
+    if args.method == "learned":
+        from .learned.infer import BLEND, DEFAULT_TILE, HALO, learned_deconvolve, weights_path
+
+        restored = learned_deconvolve(image, kernel, backend=backend, progress=not args.quiet)
+        tiles = f"tiles {DEFAULT_TILE} + halo {HALO} px, blended over {BLEND} px"
+        return restored, None, {"options": f"learned network {weights_path().name}, {tiles}"}
     restored, info = richardson_lucy(
         image,
         kernel,
@@ -549,8 +560,9 @@ def _rl_options(args, header) -> dict:
 
 
 def _validate_method_options(args) -> None:
-    """RL-only flags with ``--method wiener``, and a strength without a regularized method."""
-    if args.method == "wiener":
+    """RL-only flags with ``--method wiener`` or ``learned``, and a strength without a
+    regularized method."""
+    if args.method in ("wiener", "learned"):
         given = [
             flag
             for flag, value in (
@@ -564,8 +576,9 @@ def _validate_method_options(args) -> None:
         ]
         if given:
             msg = (
-                f"{', '.join(given)} act on Richardson-Lucy iterations; --method wiener is one "
-                "filter step: drop them or choose an RL method"
+                f"{', '.join(given)} act on Richardson-Lucy iterations; --method {args.method} "
+                f"is one {'filter' if args.method == 'wiener' else 'network'} step: drop them "
+                "or choose an RL method"
             )
             raise GpudeconvError(msg)
     elif args.regularization is not None and args.method == "rl":
@@ -700,6 +713,13 @@ def _streams(args, shape, kernel, backend) -> bool:
 def _deconvolve_tiled(args, input_path, output_path, kernel, psf_text, backend):
     from .io import open_tile_reader
 
+    if args.method == "learned":
+        msg = (
+            "--method learned restores in memory (overlapping tiles inside) and this run "
+            "streams in tiles (too large, or --tile/--resume/--dask/--workers): drop those "
+            "flags, or use an RL method for a mosaic"
+        )
+        raise GpudeconvError(msg)
     if args.method == "wiener" or args.report:
         what = "--method wiener" if args.method == "wiener" else "--report"
         msg = (

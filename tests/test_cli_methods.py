@@ -195,3 +195,60 @@ def test_tiled_run_refuses_whole_image_options(frame, tmp_path, capsys, flags, m
     code, _, err = run(command(frame, out, "--tile", "64", "--quiet", *flags), capsys)
     assert_one_line_error(code, err, match)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- learned method
+@pytest.fixture
+def learned_weights(tmp_path, monkeypatch):
+    """Random network weights (fixed seed), named by GPUDECONV_LEARNED_WEIGHTS as the default:
+    the packaged file may not exist yet, and trained weights would not test more here."""
+    from test_learned_infer import he_weights
+
+    from gpudeconv.learned.infer import WEIGHTS_ENV
+
+    path = tmp_path / "net-test.npz"
+    weights = he_weights(seed=4)
+    weights.save(path)
+    monkeypatch.setenv(WEIGHTS_ENV, str(path))
+    return weights
+
+
+def test_learned_method_matches_the_api_and_says_so(frame, tmp_path, capsys, learned_weights):
+    from gpudeconv.learned.infer import learned_deconvolve
+
+    out = tmp_path / "learned.fits"
+    code, _, err = run(command(frame, out, "--method", "learned", "--quiet"), capsys)
+    assert code == 0, err
+    image = fits.getdata(frame)
+    expected = learned_deconvolve(image, PSF, weights=learned_weights)
+    assert np.abs(expected - image).max() > 10.0  # the random network changes the image
+    np.testing.assert_allclose(fits.getdata(out), expected, rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(gd.deconvolve(image, PSF, method="learned"), expected)
+    history = history_of(out)
+    assert "learned network net-test.npz, tiles 512 + halo 24 px" in history
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--accelerate", "--luminance"], "--accelerate, --luminance act on Richardson-Lucy"),
+        (["--regularization", "0.1"], "--method learned is one network step"),
+        (["--tile", "64"], "--method learned restores in memory (overlapping tiles inside)"),
+        (["--psf-fwhm", "15"], "use --method rl"),
+    ],
+)
+def test_learned_misuse_is_one_line(frame, tmp_path, capsys, learned_weights, flags, match):
+    out = tmp_path / "out.fits"
+    code, _, err = run(command(frame, out, "--method", "learned", "--quiet", *flags), capsys)
+    assert_one_line_error(code, err, match)
+    assert not out.exists()
+
+
+def test_learned_api_refuses_streaming_and_rl_options(frame, learned_weights):
+    image = fits.getdata(frame)
+    with pytest.raises(gd.GpudeconvError, match="pass an in-memory image"):
+        gd.deconvolve(image, PSF, method="learned", tile=64)
+    with pytest.raises(gd.GpudeconvError, match="takes the options weights and progress"):
+        gd.deconvolve(image, PSF, method="learned", accelerate=True)
+    with pytest.raises(gd.GpudeconvError, match="method 'learned' takes none"):
+        gd.deconvolve(image, PSF, method="learned", regularization=0.1)

@@ -213,6 +213,9 @@ class Sample:
         The drawn PSF at the patch centre: major-axis FWHM (px), minor/major, degrees.
     beta : float or None
         Moffat exponent; None for a Gaussian PSF.
+    field : PSFField
+        The PSF field that blurred the patch (its image shape is the patch's), for restoring
+        the patch with the true PSF by other methods.
     fwhm_gradient, ratio_gradient : (float, float)
         Change of the FWHM (relative) and of the ratio (absolute) from the centre to the outer
         nodes along rows and columns.
@@ -243,6 +246,7 @@ class Sample:
     noise_sigma: float
     saturation: float | None
     stars: np.ndarray
+    field: PSFField
 
 
 # --- normalization ----------------------------------------------------------------------------
@@ -384,9 +388,20 @@ def psf_maps(field_or_psf, shape, *, origin: tuple[int, int] = (0, 0)) -> np.nda
             msg = f"psf_maps takes a PSFField or one 2-D PSF, got shape {psf.shape}"
             raise GpudeconvError(msg)
         field = PSFField.uniform(psf, (height, width))
+    return _maps_from_nodes(_node_shapes(field), field, (height, width), (oy, ox))
+
+
+def _node_shapes(field: PSFField) -> np.ndarray:
+    """``(ny, nx, 3)`` float64: major-axis FWHM (pixels), e1 and e2 of each node PSF."""
     ny, nx = field.grid
-    nodes = np.array([[_psf_shape(field.psfs[a, b]) for b in range(nx)] for a in range(ny)])
-    nodes[..., 0] /= FWHM_UNIT
+    return np.array([[_psf_shape(field.psfs[a, b]) for b in range(nx)] for a in range(ny)])
+
+
+def _maps_from_nodes(nodes, field: PSFField, shape, origin) -> np.ndarray:
+    """`psf_maps` from the node shapes of `_node_shapes` (measured once for many tiles)."""
+    (height, width), (oy, ox) = shape, origin
+    ny, nx = field.grid
+    nodes = nodes / np.array([FWHM_UNIT, 1.0, 1.0])
     iy, fy = field.axis_weights(oy + np.arange(height), 0)
     ix, fx = field.axis_weights(ox + np.arange(width), 1)
     jy, jx = np.minimum(iy + 1, ny - 1), np.minimum(ix + 1, nx - 1)
@@ -581,6 +596,7 @@ def make_sample(
         noise_sigma=sigma,
         saturation=saturation,
         stars=star_xy.reshape(-1, 3),
+        field=field,
     )
 
 
