@@ -155,11 +155,7 @@ def _learned(image, psf, *, backend, tile, psf_grid, **options):
     if tile is not None or (
         isinstance(image, (str, os.PathLike, np.memmap)) and not _fits_in_memory(image, psf)
     ):
-        msg = (
-            "the learned method restores in memory (overlapping tiles inside); pass an "
-            "in-memory image (an array, or a crop of the file) without tile="
-        )
-        raise GpudeconvError(msg)
+        return _learned_tiled(image, psf, backend=backend, tile=tile, **options)
     if isinstance(image, (str, os.PathLike)):
         from .io import read_image
 
@@ -169,6 +165,53 @@ def _learned(image, psf, *, backend, tile, psf_grid, **options):
 
         psf = estimate_psf(image, grid=psf_grid)
     return learned_deconvolve(image, psf, backend=backend, **options)
+
+
+def _learned_tiled(image, psf, *, backend, tile, weights=None, progress=False):
+    """The learned method streamed over tiles (`gpudeconv.tiles.restore_tiled`): a path or an
+    array (a memory map) read one window at a time, into a float32 array."""
+    from .backend import get_backend, is_cupy_array
+    from .io import ArrayTileReader, ArrayTileWriter, open_tile_reader
+    from .tiles import _cut, _fields_of, _psf_size, learned_halo, plan_tiles, restore_tiled
+
+    if psf is None:
+        msg = (
+            "the learned method in tiles needs psf= (the estimate from the stars needs the "
+            "whole frame in memory)"
+        )
+        raise GpudeconvError(msg)
+    if is_cupy_array(image):
+        msg = "tiles stream NumPy arrays and files; restore a CuPy array without tile="
+        raise GpudeconvError(msg)
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile % 4):
+        msg = f"tile must be a multiple of 4 for the learned method, got {tile!r}; e.g. 1024"
+        raise GpudeconvError(msg)
+    backend = get_backend(backend)
+    reader = (
+        open_tile_reader(image)
+        if isinstance(image, (str, os.PathLike))
+        else ArrayTileReader(np.asarray(image) if not isinstance(image, np.ndarray) else image)
+    )
+    with reader:
+        fields = _fields_of(psf, reader.channels)
+        plan = plan_tiles(
+            reader.shape, psf_size=_psf_size(psf), iterations=1, backend=backend, tile=tile
+        )
+        halo = learned_halo(fields or psf, reader.shape[-2:], reader.channels)
+        plan = _cut(reader.shape, plan.tile, halo)
+        out = np.empty(reader.shape, dtype=np.float32)
+        restore_tiled(
+            reader,
+            ArrayTileWriter(out),
+            psf,
+            1,
+            backend=backend,
+            plan=plan,
+            progress=bool(progress),
+            options={} if weights is None else {"weights": weights},
+            method="learned",
+        )
+    return out
 
 
 def _tile_options(method: str, extra: dict, options: dict) -> dict:

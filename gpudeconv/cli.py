@@ -713,11 +713,10 @@ def _streams(args, shape, kernel, backend) -> bool:
 def _deconvolve_tiled(args, input_path, output_path, kernel, psf_text, backend):
     from .io import open_tile_reader
 
-    if args.method == "learned":
+    if args.method == "learned" and (args.dask is not None or args.workers is not None):
         msg = (
-            "--method learned restores in memory (overlapping tiles inside) and this run "
-            "streams in tiles (too large, or --tile/--resume/--dask/--workers): drop those "
-            "flags, or use an RL method for a mosaic"
+            "--method learned streams on this machine only: drop --dask/--workers, or use an "
+            "RL method on a cluster"
         )
         raise GpudeconvError(msg)
     if args.method == "wiener" or args.report:
@@ -727,7 +726,10 @@ def _deconvolve_tiled(args, input_path, output_path, kernel, psf_text, backend):
             "or --tile/--resume/--dask/--workers): use an RL method without it"
         )
         raise GpudeconvError(msg)
-    options = _rl_options(args, open_tile_reader(input_path).header)
+    if args.method == "learned":
+        options = {}
+    else:
+        options = _rl_options(args, open_tile_reader(input_path).header)
     if args.dask is not None or args.workers is not None:
         from .dask import run_on_cluster
 

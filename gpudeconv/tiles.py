@@ -145,6 +145,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import time
 import warnings
@@ -179,6 +180,7 @@ __all__ = [
     "deconvolve_tiled",
     "fits_in_memory",
     "halo_for",
+    "learned_halo",
     "plan_tiles",
     "restore_tiled",
 ]
@@ -429,6 +431,23 @@ _WHOLE_FIT_OPTIONS = {
 }
 
 
+def _learned_options(options) -> dict:
+    """The options of a tiled learned run: ``weights`` only (`learned_deconvolve`'s)."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        msg = f"options must be a dict, got {type(options).__name__}; e.g. {{'weights': path}}"
+        raise GpudeconvError(msg)
+    unknown = sorted(set(options) - {"weights"})
+    if unknown:
+        msg = (
+            f"method 'learned' in tiles takes the option weights only, got {', '.join(unknown)} "
+            "(Richardson-Lucy options): drop them or choose an RL method"
+        )
+        raise GpudeconvError(msg)
+    return dict(options)
+
+
 def _validate_options(options) -> dict:
     """``options`` (`richardson_lucy` keywords) as a dict, each refused in one line unless a
     tile can take it: `TILE_OPTIONS`, ``tolerance`` (of ``stop``), and the refused ones at their
@@ -514,6 +533,9 @@ class _Measured:
     pedestals: tuple
     noise: tuple
     saturation: tuple
+    #: the learned method's ``(offset, scale)`` of each channel (None for a channel without
+    #: data), empty for the RL methods
+    normalization: tuple = ()
 
     def channel_settings(self, settings: rl._Settings) -> list[rl._Settings]:
         """The settings of each channel's restoration: its noise model and saturation level.
@@ -542,6 +564,7 @@ class _Measured:
             "pedestals": list(self.pedestals),
             "noise": [None if m is None else asdict(m) for m in self.noise],
             "saturation": list(self.saturation),
+            "normalization": [None if n is None else list(n) for n in self.normalization],
         }
 
     @classmethod
@@ -550,6 +573,10 @@ class _Measured:
             tuple(float(p) for p in record["pedestals"]),
             tuple(None if m is None else NoiseModel(**m) for m in record["noise"]),
             tuple(None if v is None else float(v) for v in record["saturation"]),
+            tuple(
+                None if n is None else (float(n[0]), float(n[1]))
+                for n in record.get("normalization", ())
+            ),
         )
 
 
@@ -578,6 +605,23 @@ def _history_items(settings: rl._Settings, measured: _Measured, iterations: int)
             parts.append(f"saturation {level:.6g}")
         if len(parts) > 1:
             items[f"channel {channel}" if channels > 1 else "fit"] = "; ".join(parts)
+    return items
+
+
+def _learned_history(measured: _Measured, options: dict) -> dict:
+    """HISTORY items of a tiled learned run: the network and each channel's normalization."""
+    from .learned.infer import weights_path
+
+    weights = options.get("weights")
+    name = weights_path().name if weights is None else getattr(weights, "name", "given weights")
+    if isinstance(weights, (str, os.PathLike)):
+        name = Path(weights).name
+    items = {"options": f"learned network {name}, one normalization per channel for the mosaic"}
+    count = len(measured.normalization)
+    for channel, norm in enumerate(measured.normalization):
+        if norm is not None:
+            key = f"channel {channel}" if count > 1 else "fit"
+            items[key] = f"normalization offset {norm[0]:.6g} scale {norm[1]:.6g}"
     return items
 
 
@@ -699,16 +743,26 @@ def _plateau(top: _TopValues, channel: int, low: float, high: float, rescan) -> 
 
 
 def _measure(
-    read, cores, shape, dtype, settings: rl._Settings, *, unsigned: bool, stacklevel: int
+    read,
+    cores,
+    shape,
+    dtype,
+    settings: rl._Settings,
+    *,
+    unsigned: bool,
+    stacklevel: int,
+    learned: bool = False,
 ) -> _Measured:
     """What the tiles share (`_Measured`), from one read of every core: ``read(core)`` returns
     the ``(C, h, w)`` block of a core ``(y0, y1, x0, x1)`` of an image of ``shape``, ``dtype``
     is the working dtype.
 
     Reads nothing for ``unsigned`` data (which cannot be negative) without options that need
-    the image."""
+    the image. For the ``learned`` method, each channel's normalization (`_normalizations`)
+    from the noise model's sample, and no pedestal."""
     channels = shape[0] if len(shape) == 3 else 1
-    sample = _NoiseSample(shape, dtype) if _estimates_noise(settings) else None
+    estimates = _estimates_noise(settings) or learned
+    sample = _NoiseSample(shape, dtype) if estimates else None
     top = _TopValues(channels) if settings.saturation == "auto" else None
     low = np.full(channels, np.inf)
     high = np.full(channels, -np.inf)
@@ -729,6 +783,10 @@ def _measure(
         models = list(settings.noise)
     elif isinstance(settings.noise, NoiseModel):
         models = [settings.noise] * channels
+    elif sample is not None and learned:
+        normalization = _normalizations(sample, low)
+        del sample
+        return _Measured((0.0,) * channels, (None,) * channels, (None,) * channels, normalization)
     elif sample is not None:
         for channel in range(channels):
             if not np.isfinite(low[channel]):
@@ -764,6 +822,57 @@ def _measure(
             for channel in range(channels)
         ]
     return _Measured(tuple(pedestals), tuple(models), tuple(levels))
+
+
+def _normalizations(sample: _NoiseSample, low) -> tuple:
+    """The learned method's ``(offset, scale)`` of each channel, as `gpudeconv.learned.data
+    .normalize` measures them (median, ``NOISE_UNITS`` robust noise sigmas), on the noise
+    model's sample of the whole image: one for all the tiles. None for a channel without
+    data."""
+    from .learned.infer import _normalization
+
+    result = []
+    for channel, plane in enumerate(sample.planes):
+        if not np.isfinite(low[channel]):
+            result.append(None)
+            continue
+        valid = np.isfinite(plane)
+        if np.count_nonzero(valid) < 9:
+            msg = (
+                f"channel {channel} has too little data in the sampled boxes to measure its "
+                "noise for the learned method; restore it in memory"
+            )
+            raise GpudeconvError(msg)
+        offset, scale = _normalization(plane.astype(np.float64), valid)
+        if not scale > 0:
+            msg = (
+                f"channel {channel} has no measurable noise (robust sigma 0): the learned "
+                "method measures its scale in noise sigmas; use --method rl for noiseless or "
+                "synthetic data"
+            )
+            raise GpudeconvError(msg)
+        result.append((offset, scale))
+    return tuple(result)
+
+
+def learned_halo(psf, shape, channels: int) -> int:
+    """The halo of the learned method for ``psf`` (a host array or fields, as `_Run` holds
+    it) on an image of ``shape``: the network's reach (``HALO + BLEND / 2``) plus that of the
+    local mean (3 sigma of its Gaussian of ``FLUX_WIDTH`` times the largest FWHM), rounded up
+    to a multiple of 4 (the network pools 4 x 4)."""
+    from .learned.data import _node_shapes
+    from .learned.infer import BLEND, FLUX_WIDTH, HALO, _psf_fields
+    from .learned.network import MULTIPLE
+
+    sources = psf if isinstance(psf, list) else [psf]
+    fwhm = 0.0
+    for source in sources:
+        image_shape = source.image_shape if isinstance(source, PSFField) else shape
+        for fld, _ in _psf_fields(source, image_shape, channels, get_backend("numpy")):
+            fwhm = max(fwhm, float(_node_shapes(fld)[..., 0].max()))
+    sigma = FLUX_WIDTH * fwhm / 2.3548
+    reach = HALO + BLEND // 2 + math.ceil(3 * sigma)
+    return -(-reach // MULTIPLE) * MULTIPLE
 
 
 # --------------------------------------------------------------------------------- the driver
@@ -806,6 +915,8 @@ class TileRunReport:
     options: dict = field(default_factory=lambda: dict(_PLAIN_RECORD))
     noise: tuple = ()
     saturation: tuple = ()
+    #: the learned method's ``(offset, scale)`` of each channel (empty for RL)
+    normalization: tuple = ()
 
 
 class _OutOfMemory(Exception):
@@ -936,7 +1047,11 @@ class _Journal:
 class _Run:
     """The state of one `restore_tiled` call."""
 
-    def __init__(self, reader, writer, psf, iterations, backend, journal, on_tile, settings):
+    def __init__(
+        self, reader, writer, psf, iterations, backend, journal, on_tile, settings, network=None
+    ):
+        #: the learned method's network (`gpudeconv.learned.network.Weights`), None for RL
+        self.network = network
         self.reader = reader
         self.writer = writer
         self.iterations = iterations
@@ -985,6 +1100,8 @@ class _Run:
 
     def _restore(self, planes, tile: Tile):
         """The restored core of ``tile`` from its read window ``planes`` (on the backend)."""
+        if self.network is not None:
+            return self._restore_learned(planes, tile)
         return restore_window(
             planes,
             self._operators_for(tile),
@@ -994,6 +1111,38 @@ class _Run:
             backend=self.backend,
             settings=self.channel_settings,
         )
+
+    def _restore_learned(self, planes, tile: Tile):
+        """The learned method on ``tile``'s read window: each channel with the whole image's
+        normalization and the local part of its PSF field (a plain PSF as it is), the core
+        cut out. The window is first cut to start at a multiple of 4 (the network commutes
+        with shifts by multiples of 4 only); the halo keeps its width, as the cores start at
+        multiples of 4."""
+        from .learned.infer import learned_deconvolve
+        from .learned.network import MULTIPLE
+
+        ry0, _, rx0, _ = tile.read
+        dy, dx = -ry0 % MULTIPLE, -rx0 % MULTIPLE
+        rows, cols = tile.core_in_read
+        core = slice(rows.start - dy, rows.stop - dy), slice(cols.start - dx, cols.stop - dx)
+        shape = (planes.shape[1] - dy, planes.shape[2] - dx)
+        restored = self.backend.xp.empty((self.channels, *tile.core_shape), dtype=planes.dtype)
+        for channel in range(self.channels):
+            norm = self.measured.normalization[channel]
+            plane = planes[channel, dy:, dx:]
+            if norm is None or not self.backend.xp.isfinite(plane).any():
+                restored[channel] = np.nan
+                continue
+            if self.fields is not None:
+                fld = self.fields[channel if len(self.fields) > 1 else 0]
+                psf = fld.window(ry0 + dy, rx0 + dx, *shape)
+            else:
+                psf = self.host_psf if self.host_psf.ndim == 2 else self.host_psf[channel]
+            out = learned_deconvolve(
+                plane, psf, weights=self.network, backend=self.backend, normalization=norm
+            )
+            restored[channel] = out[core]
+        return restored
 
     # ----------------------------------------------------------------- statistics
     def measure(self, plan: TilePlan) -> None:
@@ -1010,6 +1159,7 @@ class _Run:
                 self.settings,
                 unsigned=self.reader.dtype.kind == "u",
                 stacklevel=4,
+                learned=self.network is not None,
             )
         self.channel_settings = self.measured.channel_settings(self.settings)
 
@@ -1223,6 +1373,7 @@ def restore_tiled(
     progress: bool = True,
     on_tile: Callable[[int, Tile], None] | None = None,
     options: dict | None = None,
+    method: str = "rl",
 ) -> TileRunReport:
     """Restore an image tile by tile from ``reader`` into ``writer``.
 
@@ -1254,6 +1405,11 @@ def restore_tiled(
         model) and ``saturation='auto'`` are measured once on the whole image, before the
         tiles (module docstring, "Options"). ``accelerate``, ``stop``, ``luminance`` and
         ``return_info`` are refused. With ``dering``, plan with ``dering=True``.
+    method : {'rl', 'learned'}
+        ``'learned'``: the trained network (`gpudeconv.learned.infer.learned_deconvolve`) on
+        each tile, with one normalization per channel measured on the whole image; plan
+        with the halo of `learned_halo`. ``options`` may then hold ``weights`` only, and
+        ``iterations`` is not used. Any other name restores with RL.
 
     Returns
     -------
@@ -1278,10 +1434,16 @@ def restore_tiled(
     if tuple(plan.shape) != tuple(reader.shape):
         msg = f"the plan is for an image of shape {plan.shape}, the input is {reader.shape}"
         raise GpudeconvError(msg)
+    network = None
+    if method == "learned":
+        from .learned.infer import load_weights
+
+        network = load_weights(_learned_options(options).get("weights"))
+        options = None
     settings = _tile_settings(options, reader.channels)
     if journal is not None and journal.fft_lengths:
         backend.pin_fft_lengths(journal.fft_lengths)
-    run = _Run(reader, writer, psf, iterations, backend, journal, on_tile, settings)
+    run = _Run(reader, writer, psf, iterations, backend, journal, on_tile, settings, network)
     if journal is not None and journal.tile != plan.tile:
         plan = _cut(plan.shape, journal.tile, plan.halo)  # as halved by an earlier run
     resumed = sum(_covered(tile.core, run.finished) for tile in plan.tiles)
@@ -1324,6 +1486,7 @@ def restore_tiled(
         options=_options_record(settings),
         noise=run.measured.noise,
         saturation=run.measured.saturation,
+        normalization=run.measured.normalization,
     )
 
 
@@ -1500,6 +1663,7 @@ _WHAT_DIFFERS = {
     "tile": "the tile size",
     "halo": "the halo",
     "options": "the options",
+    "method": "the method",
 }
 
 
@@ -1507,8 +1671,10 @@ def _check_resumable(journal: _Journal, params: dict, forced_tile: int | None) -
     differs = [
         _WHAT_DIFFERS[key]
         for key in _WHAT_DIFFERS
-        if key not in ("tile", "options") and journal.params.get(key) != params[key]
+        if key not in ("tile", "options", "method") and journal.params.get(key) != params[key]
     ]
+    if journal.params.get("method", "rl") != params.get("method", "rl"):
+        differs.append(_WHAT_DIFFERS["method"])
     # a journal from before the options were recorded was written by plain RL
     options = journal.params.get("options", _PLAIN_RECORD)
     if options != params["options"]:
@@ -1602,6 +1768,10 @@ def deconvolve_file(
         command line does in memory.
     method : str
         The method's name in the HISTORY (e.g. ``'rl-tv'``, of `gpudeconv.method_options`).
+        ``'learned'`` restores with the trained network instead of RL (`restore_tiled`):
+        ``options`` may hold ``weights`` only, ``iterations`` is not used, the halo is
+        `learned_halo`'s, the tile a multiple of 4, and each channel's normalization is
+        measured once on the whole image and recorded in the HISTORY.
 
     Returns
     -------
@@ -1635,13 +1805,17 @@ def deconvolve_file(
         raise GpudeconvError(msg)
     backend = get_backend(backend)
     iterations = rl._validate_iterations(iterations)
+    learned = method == "learned"
     if tile is not None:
         tile = _validate_tile(tile)
-    options = _validate_options(options)
+        if learned and tile % 4:
+            msg = f"tile must be a multiple of 4 for the learned method, got {tile}; e.g. 1024"
+            raise GpudeconvError(msg)
+    options = _learned_options(options) if learned else _validate_options(options)
     partial, journal_path = _partial_paths(target)
     with open_tile_reader(input_path) as reader:
         channels = reader.channels
-        settings = _tile_settings(options, channels)
+        settings = _tile_settings(None if learned else options, channels)
         dtype = backend.float_dtype(reader.dtype)
         fields = _fields_of(psf, channels)
         if fields is None:  # checked (and normalized) before any file is made
@@ -1659,8 +1833,13 @@ def deconvolve_file(
             dtype=dtype,
             dering=settings.dering > 0,
         )
+        if learned:
+            halo = learned_halo(fields or psf, reader.shape[-2:], channels)
+            plan = _cut(reader.shape, plan.tile, halo)
         journal = _resumable(partial, journal_path, resume=resume, overwrite=overwrite)
         params = _run_params(input_path, psf, iterations, backend, plan, settings)
+        if learned:
+            params["method"] = "learned"
         if journal is not None:
             _check_resumable(journal, params, tile)
             plan = _cut(reader.shape, journal.params["tile"], plan.halo)
@@ -1683,8 +1862,14 @@ def deconvolve_file(
                 settings,
                 unsigned=reader.dtype.kind == "u",
                 stacklevel=3,
+                learned=learned,
             )
             params["measured"] = measured.record()
+            items = (
+                _learned_history(measured, options)
+                if learned
+                else _history_items(settings, measured, iterations)
+            )
             header = provenance_header(
                 reader.header,
                 method=method,
@@ -1693,7 +1878,7 @@ def deconvolve_file(
                 backend=backend.name,
                 extra={
                     "tiles": f"{plan.tile} px, halo {plan.halo} px",
-                    **_history_items(settings, measured, iterations),
+                    **items,
                     **(header_extra or {}),
                 },
             )
@@ -1715,6 +1900,7 @@ def deconvolve_file(
                     progress=progress,
                     on_tile=on_tile,
                     options=options,
+                    method="learned" if learned else "rl",
                 )
                 writer.sync()
         except OSError as error:  # a full disk, above all: the output is written as it goes

@@ -228,13 +228,25 @@ def test_learned_method_matches_the_api_and_says_so(frame, tmp_path, capsys, lea
     assert "learned network net-test.npz, tiles 512 + halo 24 px" in history
 
 
+def test_learned_method_streams_with_tile(frame, tmp_path, capsys, learned_weights):
+    out = tmp_path / "tiled.fits"
+    code, _, err = run(
+        command(frame, out, "--method", "learned", "--quiet", "--tile", "256"), capsys
+    )
+    assert code == 0, err
+    image = fits.getdata(frame)
+    restored = fits.getdata(out)
+    assert restored.shape == image.shape and np.isfinite(restored).all()
+    history = history_of(out)
+    assert "learned network net-test.npz" in history and "normalization offset" in history
+
+
 @pytest.mark.parametrize(
     ("flags", "match"),
     [
         (["--accelerate", "--luminance"], "--accelerate, --luminance act on Richardson-Lucy"),
         (["--regularization", "0.1"], "--method learned is one network step"),
-        (["--tile", "64"], "--method learned restores in memory (overlapping tiles inside)"),
-        (["--psf-fwhm", "15"], "use --method rl"),
+        (["--psf-fwhm", "20"], "use --method rl"),  # beyond twice the trained 8.05 px
     ],
 )
 def test_learned_misuse_is_one_line(frame, tmp_path, capsys, learned_weights, flags, match):
@@ -246,8 +258,8 @@ def test_learned_misuse_is_one_line(frame, tmp_path, capsys, learned_weights, fl
 
 def test_learned_api_refuses_streaming_and_rl_options(frame, learned_weights):
     image = fits.getdata(frame)
-    with pytest.raises(gd.GpudeconvError, match="pass an in-memory image"):
-        gd.deconvolve(image, PSF, method="learned", tile=64)
+    with pytest.raises(gd.GpudeconvError, match="multiple of 4 for the learned method"):
+        gd.deconvolve(image, PSF, method="learned", tile=66)
     with pytest.raises(gd.GpudeconvError, match="takes the options weights and progress"):
         gd.deconvolve(image, PSF, method="learned", accelerate=True)
     with pytest.raises(gd.GpudeconvError, match="method 'learned' takes none"):

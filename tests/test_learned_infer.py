@@ -287,3 +287,49 @@ def test_the_cupy_path_equals_the_numpy_path(fake, weights):
     from_host = learned_deconvolve(image, PSF, weights=weights, tile=64, backend="cupy")
     assert type(from_host) is np.ndarray
     np.testing.assert_allclose(from_host, expected, rtol=1e-5, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- streamed in tiles
+def test_streamed_tiles_match_the_whole_image_with_one_normalization(tmp_path):
+    """A mosaic streamed through the tile driver (`deconvolve_file`, tile=256) is the whole
+    image restored in memory with the same (global) normalization: the halo covers the
+    network's reach and the local mean's, and the windows start at multiples of 4."""
+    from astropy.io import fits
+
+    from gpudeconv.synthetic import make_scene
+    from gpudeconv.tiles import deconvolve_file, learned_halo
+
+    psf = gd.psf.moffat(4.0, beta=3.0, size=25)
+    image = np.asarray(make_scene((600, 700), psf=psf, seed=5).observed, dtype=np.float32)
+    source, target = tmp_path / "mosaic.fits", tmp_path / "restored.fits"
+    fits.PrimaryHDU(image).writeto(source)
+    net = load_weights()
+    halo = learned_halo(psf, image.shape, 1)
+    assert halo % 4 == 0 and halo >= HALO + BLEND // 2
+    report = deconvolve_file(
+        source, target, psf, 1, tile=256, progress=False, method="learned", backend="numpy"
+    )
+    assert report.tile == 256 and report.halo == halo and report.tiles_total == 9
+    (offset, scale) = report.normalization[0]
+    _, whole_offset, whole_scale = normalize(image)
+    assert offset == pytest.approx(whole_offset, rel=1e-3)
+    assert scale == pytest.approx(whole_scale, rel=0.05)
+    streamed = fits.getdata(target)
+    whole = learned_deconvolve(
+        image, psf, weights=net, normalization=(offset, scale), backend="numpy"
+    )
+    difference = np.abs(streamed - whole).max() / span(whole)
+    print(f"tiled vs whole: {difference:.3g} of the range")
+    assert difference < 1e-4
+    assert np.abs(whole - image).max() > 0.01 * span(image)  # the network did something
+    history = "\n".join(str(line) for line in fits.getheader(target)["HISTORY"])
+    assert "learned" in history and "normalization offset" in history
+
+
+def test_learned_normalization_is_validated(weights):
+    image = scene()
+    with pytest.raises(GpudeconvError, match="normalization must be"):
+        learned_deconvolve(image, PSF, weights=weights, normalization=(1.0, 0.0))
+    given = learned_deconvolve(image, PSF, weights=weights, normalization=(200.0, 10.0))
+    other = learned_deconvolve(image, PSF, weights=weights, normalization=(200.0, 20.0))
+    assert np.abs(given - other).max() > 0

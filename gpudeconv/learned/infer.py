@@ -90,6 +90,7 @@ def learned_deconvolve(
     backend: str | Backend | None = None,
     tile: int = DEFAULT_TILE,
     progress: bool = False,
+    normalization=None,
 ):
     """Restore an image with the trained deconvolution network.
 
@@ -115,6 +116,10 @@ def learned_deconvolve(
         the result does not depend on it beyond float32 rounding.
     progress : bool
         Show a progress bar over the tiles (tqdm).
+    normalization : (offset, scale) or sequence of them (one per channel), optional
+        The normalization to use instead of the one measured on each plane: a mosaic
+        restored in parts (`gpudeconv.tiles.deconvolve_file`) gives every part the one
+        measured on the whole image, so that the parts agree.
 
     Returns
     -------
@@ -158,6 +163,7 @@ def learned_deconvolve(
     fields = _psf_fields(psf, shape, channels, chosen)
     nodes = [_node_shapes(field) for field, _ in fields]
     _check_psf_range(nodes)
+    norms = _validate_normalization(normalization, channels)
 
     data = chosen.asarray(image, dtype=np.float32)
     planes = data if is_colour else data[None]
@@ -169,7 +175,16 @@ def learned_deconvolve(
             field, origin = fields[index if len(fields) > 1 else 0]
             node_shapes = nodes[index if len(nodes) > 1 else 0]
             restored[index] = _restore_plane(
-                planes[index], field, origin, node_shapes, network, rows, columns, chosen, bar
+                planes[index],
+                field,
+                origin,
+                node_shapes,
+                network,
+                rows,
+                columns,
+                chosen,
+                bar,
+                None if norms is None else norms[index],
             )
     finally:
         if bar is not None:
@@ -250,6 +265,25 @@ def _validate_tile(tile) -> int:
         )
         raise GpudeconvError(msg)
     return int(tile)
+
+
+def _validate_normalization(normalization, channels: int):
+    """``normalization`` as one ``(offset, scale)`` per channel, or None."""
+    if normalization is None:
+        return None
+    try:
+        pairs = np.asarray(normalization, dtype=np.float64)
+    except (TypeError, ValueError):
+        pairs = np.empty(0)
+    if pairs.shape == (2,):
+        pairs = np.tile(pairs, (channels, 1))
+    if pairs.shape != (channels, 2) or not np.isfinite(pairs).all() or not (pairs[:, 1] > 0).all():
+        msg = (
+            f"normalization must be (offset, scale) with a finite offset and a positive scale, "
+            f"or one such pair per channel ({channels}), got {normalization!r}"
+        )
+        raise GpudeconvError(msg)
+    return [(float(offset), float(scale)) for offset, scale in pairs]
 
 
 def _psf_fields(psf, shape, channels: int, backend: Backend) -> list:
@@ -359,8 +393,11 @@ def _ramps(spans: list[tuple[int, int]]) -> list[np.ndarray]:
     return ramps
 
 
-def _restore_plane(plane, field, origin, nodes, weights, rows, columns, backend, bar):
-    """One (H, W) plane on ``backend``: normalized, corrected tile by tile, scaled back."""
+def _restore_plane(
+    plane, field, origin, nodes, weights, rows, columns, backend, bar, normalization=None
+):
+    """One (H, W) plane on ``backend``: normalized (by ``normalization``, else as measured on
+    it), corrected tile by tile, scaled back."""
     xp = backend.xp
     height, width = plane.shape
     host = backend.to_host(plane)
@@ -369,7 +406,10 @@ def _restore_plane(plane, field, origin, nodes, weights, rows, columns, backend,
         if bar is not None:
             bar.update(len(rows) * len(columns))
         return xp.full_like(plane, np.nan)
-    offset, scale = _normalization(host, valid)
+    if normalization is None:
+        offset, scale = _normalization(host, valid)
+    else:
+        offset, scale = normalization
     if not scale > 0:
         msg = (
             "a plane has no measurable noise (robust sigma 0): the learned method measures "
