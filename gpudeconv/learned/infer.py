@@ -35,6 +35,7 @@ from .._errors import GpudeconvError, GpudeconvWarning
 from ..backend import Backend, backend_for, is_cupy_array
 from ..psf import PSFField, validate_psf
 from ..psf.field import FieldWindow
+from ..restore import rl
 from .data import NOISE_UNITS, PSFRange, _maps_from_nodes, _node_shapes, normalize
 from .network import MULTIPLE, Weights, forward
 
@@ -234,22 +235,11 @@ def weights_path():
 
 
 def _validate_image(image) -> None:
-    dtype = np.dtype(image.dtype)
-    if dtype.kind not in "uif":
-        msg = f"image must hold real numbers, got dtype {dtype}; convert it to float32"
-        raise GpudeconvError(msg)
-    if image.ndim not in (2, 3):
-        msg = (
-            f"image must be 2-D (H, W) or channel-first colour (C, H, W), got shape "
-            f"{tuple(image.shape)}"
-        )
-        raise GpudeconvError(msg)
-    if min(image.shape[-2:]) < MIN_SIDE:
-        msg = (
-            f"image of shape {tuple(image.shape)} is too small for the learned method: sides of "
-            f"at least {MIN_SIDE} pixels"
-        )
-        raise GpudeconvError(msg)
+    rl._validate_image(
+        image,
+        min_side=MIN_SIDE,
+        too_small=f"for the learned method: sides of at least {MIN_SIDE} pixels",
+    )
 
 
 def _validate_tile(tile) -> int:

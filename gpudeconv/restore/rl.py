@@ -22,7 +22,9 @@ __all__ = ["ChannelInfo", "RestorationInfo", "richardson_lucy"]
 MANY_ITERATIONS = 500
 
 
-def _validate_image(image) -> None:
+def _validate_image(image, *, min_side: int = 2, too_small: str = "to deconvolve") -> None:
+    """One-line errors for an image no restoration takes: not real numbers, not (H, W) or
+    (C, H, W), or sides under ``min_side`` (the message then ends with ``too_small``)."""
     dtype = np.dtype(image.dtype)
     if dtype.kind not in "uif":
         msg = f"image must hold real numbers, got dtype {dtype}; convert it to float32"
@@ -33,8 +35,8 @@ def _validate_image(image) -> None:
             f"{tuple(image.shape)}"
         )
         raise GpudeconvError(msg)
-    if min(image.shape[-2:]) < 2:
-        msg = f"image of shape {tuple(image.shape)} is too small to deconvolve"
+    if min(image.shape[-2:]) < min_side:
+        msg = f"image of shape {tuple(image.shape)} is too small {too_small}"
         raise GpudeconvError(msg)
 
 
