@@ -29,7 +29,8 @@ What is emulated, with CuPy 14's semantics (``/work/shared/reference/cupy-notes.
   NumPy array of size one by value, any other NumPy array refused) and launches the entry point
   through the harness, which checks each argument against the compiled parameter types and
   writes the kernel's outputs back into the same device arrays.
-* ``cupy.memoize``, ``cupy.cuda`` (``runtime``, ``Device``, streams, errors),
+* ``cupy.memoize``, ``cupy.cuda`` (``runtime``, ``Device``, streams, events timed by the host
+  clock, errors),
   ``cupy.get_default_memory_pool``, ``cupyx.scipy.fft.next_fast_len`` (cuFFT's 2-3-5-7 lengths),
   ``cupyx.scipy.ndimage`` filters (SciPy's, honouring ``output=``).
 
@@ -45,6 +46,7 @@ import functools
 import importlib
 import math
 import sys
+import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +76,7 @@ MODULE_NAMES = (
 NO_DEVICE = 100
 INSUFFICIENT_DRIVER = 35
 INVALID_DEVICE = 101
+INVALID_RESOURCE_HANDLE = 400
 _STATUS_NAMES = {
     NO_DEVICE: ("cudaErrorNoDevice", "no CUDA-capable device is detected"),
     INSUFFICIENT_DRIVER: (
@@ -81,6 +84,7 @@ _STATUS_NAMES = {
         "CUDA driver version is insufficient for CUDA runtime version",
     ),
     INVALID_DEVICE: ("cudaErrorInvalidDevice", "invalid device ordinal"),
+    INVALID_RESOURCE_HANDLE: ("cudaErrorInvalidResourceHandle", "invalid resource handle"),
 }
 
 #: The scalar types that CuPy passes to a kernel by their own size (cupy/cuda/function.pyx).
@@ -275,6 +279,7 @@ class FakeCuPy:
     runtime_error: int | None = None
     device_name: bytes = b"Fake CUDA Device (CPU emulation)"
     compute_capability: str = "90"
+    cuda_version: int = 13000
     total_memory: int = 80 * 2**30
     free_memory: int = 79 * 2**30
     pool_used: int = 0
@@ -650,7 +655,23 @@ def _make_cuda(state: FakeCuPy) -> types.ModuleType:
     def deviceSynchronize() -> None:  # noqa: N802
         state.check_runtime()
 
-    for function in (getDeviceCount, getDeviceProperties, memGetInfo, getDevice, deviceSynchronize):
+    def runtimeGetVersion() -> int:  # noqa: N802  (CUDA's encoding: 1000 * major + 10 * minor)
+        state.check_runtime()
+        return state.cuda_version
+
+    def driverGetVersion() -> int:  # noqa: N802
+        state.check_runtime()
+        return state.cuda_version
+
+    for function in (
+        getDeviceCount,
+        getDeviceProperties,
+        memGetInfo,
+        getDevice,
+        deviceSynchronize,
+        runtimeGetVersion,
+        driverGetVersion,
+    ):
         setattr(runtime, function.__name__, function)
     runtime.CUDARuntimeError = CUDARuntimeError
     driver.CUDADriverError = CUDADriverError
@@ -717,6 +738,34 @@ def _make_cuda(state: FakeCuPy) -> types.ModuleType:
 
     Stream.null = Stream(null=True)
 
+    class Event:
+        """``cupy.cuda.Event``: every fake launch has finished when it returns, so recording is
+        reading the host clock."""
+
+        def __init__(self, block=False, disable_timing=False, interprocess=False) -> None:
+            self.disable_timing = disable_timing
+            self.time: float | None = None
+
+        def record(self, stream=None) -> None:
+            state.check_runtime()
+            self.time = time.perf_counter()
+
+        def synchronize(self) -> None:
+            state.check_runtime()
+            if self.time is None:
+                raise RuntimeError("the event was never recorded")
+
+        @property
+        def done(self) -> bool:
+            return self.time is not None
+
+    def get_elapsed_time(start_event, end_event) -> float:
+        """Milliseconds between two recorded events, as CuPy returns them."""
+        for event in (start_event, end_event):
+            if event.disable_timing or event.time is None:
+                raise CUDARuntimeError(INVALID_RESOURCE_HANDLE)
+        return (end_event.time - start_event.time) * 1e3
+
     def is_available() -> bool:
         try:
             return getDeviceCount() > 0
@@ -728,6 +777,8 @@ def _make_cuda(state: FakeCuPy) -> types.ModuleType:
     cuda.memory = memory
     cuda.Device = Device
     cuda.Stream = Stream
+    cuda.Event = Event
+    cuda.get_elapsed_time = get_elapsed_time
     cuda.get_current_stream = lambda device_id=-1: Stream.null
     cuda.get_device_id = lambda: state.current_device
     cuda.is_available = is_available
@@ -761,6 +812,22 @@ def _make_fft() -> types.ModuleType:
     kinds |= {n: "c2c" for n in ("fft", "ifft", "fft2", "ifft2", "fftn", "ifftn")}
     for name, kind in kinds.items():
         setattr(fft, name, transform(name, kind))
+
+    class PlanCache:
+        """``cupy.fft.config.get_plan_cache()``: no plans are made, so there is nothing to keep."""
+
+        def clear(self) -> None:
+            pass
+
+        def set_size(self, size: int) -> None:
+            pass
+
+        def set_memsize(self, size: int) -> None:
+            pass
+
+    plan_cache = PlanCache()
+    fft.config = _module("cupy.fft.config")
+    fft.config.get_plan_cache = lambda: plan_cache
     return fft
 
 
@@ -833,6 +900,7 @@ def _make_cupyx(fft: types.ModuleType):
     for name in ("convolve", "correlate", "convolve1d", "correlate1d", "uniform_filter"):
         setattr(ndimage, name, _filter(name))
     ndimage.gaussian_filter = _filter("gaussian_filter")
+    ndimage.grey_opening = _filter("grey_opening")
 
     def empty_pinned(shape, dtype=float, order="C"):
         return np.empty(shape, dtype=dtype, order=order)
