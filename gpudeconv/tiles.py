@@ -86,7 +86,9 @@ restore the tiles from different data terms and show the seams.
 * ``saturation='auto'``: `~gpudeconv.restore.noise.saturation_level`'s plateau of the whole
   image, exactly: the read keeps each channel's range and its `TOP_VALUES` largest values (2 MiB
   per channel); a plateau, or a level under it, of more pixels than that is counted by one or
-  two more reads.
+  two more reads. A channel whose every pixel is at or above its level (given or measured) is
+  refused, as `richardson_lucy` refuses such an image; a tile whose window is all saturated
+  (inside a clipped area larger than the window) is restored as the whole image is there.
 * ``accelerate`` and ``stop`` are refused: Biggs-Andrews' step length and the stopping point
   come from the fit of the whole tile, so tiles would step or stop differently and seam.
   ``luminance`` is not in tiles yet; ``return_info`` neither (`TileRunReport` holds the models).
@@ -758,15 +760,16 @@ def _measure(
     is the working dtype.
 
     Reads nothing for ``unsigned`` data (which cannot be negative) without options that need
-    the image. For the ``learned`` method, each channel's normalization (`_normalizations`)
-    from the noise model's sample, and no pedestal."""
+    the image (a noise model to estimate, or a saturation level: checked against the data's
+    range, `_check_saturation`). For the ``learned`` method, each channel's normalization
+    (`_normalizations`) from the noise model's sample, and no pedestal."""
     channels = shape[0] if len(shape) == 3 else 1
     estimates = _estimates_noise(settings) or learned
     sample = _NoiseSample(shape, dtype) if estimates else None
     top = _TopValues(channels) if settings.saturation == "auto" else None
     low = np.full(channels, np.inf)
     high = np.full(channels, -np.inf)
-    if sample is not None or top is not None or not unsigned:
+    if sample is not None or top is not None or settings.saturation is not None or not unsigned:
         for core in cores:
             # the working dtype, as the whole image is measured by richardson_lucy
             block = np.asarray(read(core), dtype=dtype)
@@ -821,7 +824,28 @@ def _measure(
             _plateau(top, channel, float(low[channel]), float(high[channel]), rescan)
             for channel in range(channels)
         ]
+    _check_saturation(levels, low, dtype)
     return _Measured(tuple(pedestals), tuple(models), tuple(levels))
+
+
+def _check_saturation(levels, low, dtype) -> None:
+    """Refuse a channel whose every pixel is at or above its saturation level, from its
+    smallest value ``low`` over the whole image, as `richardson_lucy` refuses such an image.
+
+    The check is the whole image's, not each tile's: a tile's window may lie wholly in a
+    clipped area larger than it (a lunar disc, a bright star's core) and is restored as the
+    whole image is there (`restore_window`)."""
+    colour = len(levels) > 1
+    for channel, (level, lowest) in enumerate(zip(levels, low, strict=True)):
+        if level is None or not np.isfinite(lowest):
+            continue  # no level, or no data: every tile of the channel is skipped
+        if np.dtype(dtype).type(lowest) >= np.dtype(dtype).type(level):
+            where = f" of channel {channel}" if colour else ""
+            msg = (
+                f"every pixel{where} is at or above the saturation level {level:g}; give a "
+                "higher saturation level, or none"
+            )
+            raise GpudeconvError(msg)
 
 
 def _normalizations(sample: _NoiseSample, low) -> tuple:
@@ -1307,6 +1331,7 @@ def restore_window(
             iterations,
             _no_step,
             rl._PLAIN if settings is None else settings[channel],
+            window=True,  # a window may lie wholly in a clipped area: `_measure` checks the image
         )
         restored[channel] = plane[rows, cols]
         if pedestals[channel]:

@@ -131,6 +131,62 @@ def test_deringing_one_iteration_keeps_its_floor_within_the_halo(cpu, scene):
     assert np.nanmax(np.abs(tiled - whole)[inner]) <= 1e-5 * image_range(image)
 
 
+def clipped_disc(scene, radius=160):
+    """400 x 440 pixels of the scene (inside its NaN border) with a bright disc clipped at the
+    scene's level of 3000, as the Moon or a bright star's core: the read windows of the tiles
+    of 96 around its centre (row and column 240) hold saturated pixels only."""
+    from scipy import signal
+
+    image = scene.observed[12:412, 12:452].astype(np.float64)
+    y, x = np.mgrid[: image.shape[0], : image.shape[1]]
+    disc = np.where((y - 240) ** 2 + (x - 240) ** 2 < radius**2, 20000.0, 0.0)
+    image += signal.oaconvolve(disc, scene.psf, mode="same")
+    return np.minimum(image, 3000.0).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "options", [{"noise": "auto", "saturation": "auto"}, {"saturation": 2900.0}]
+)
+def test_a_tile_inside_a_clipped_area_is_restored_as_the_whole_image_is(cpu, scene, options):
+    # A window with no unsaturated pixel is no error in tiles: the whole image has data to fit,
+    # and the tile restores as it does there (the in-memory restoration's check is on the
+    # whole image, `tiles._check_saturation`).
+    image = clipped_disc(scene)
+    tiled, report = restore_in_tiles(image, scene.psf, options, cpu, tile=96)
+    level = report.saturation[0]
+    assert level is not None
+    plan = tiles.plan_tiles(image.shape, psf_size=25, iterations=ITERATIONS, tile=96)
+    saturated = [
+        t
+        for t in plan.tiles
+        if (image[t.read[0] : t.read[1], t.read[2] : t.read[3]] >= level).all()
+    ]
+    assert saturated  # the case under test: a window without any unsaturated pixel
+    resolved = {**options, "noise": report.noise[0], "saturation": level}
+    whole = gd.richardson_lucy(image, scene.psf, ITERATIONS, backend=cpu, **resolved)
+    # measured: 6e-6 of the range (no NaN border here), as for the other options
+    assert np.abs(tiled - whole).max() <= 1e-4 * image_range(image)
+
+
+def test_an_image_saturated_everywhere_is_refused_in_tiles_as_in_memory(cpu, scene):
+    image = clipped_disc(scene)[200:280, 200:280]  # inside the disc: all at 3000
+    psf = scene.psf
+    match = r"^every pixel is at or above the saturation level 2900; give a higher saturation"
+    with pytest.raises(GpudeconvError, match=match):
+        gd.richardson_lucy(image, psf, 2, backend=cpu, saturation=2900.0)
+    # data the driver otherwise does not read before the tiles (unsigned, plain RL), and colour
+    for data, where in (
+        (image, ""),
+        (image.astype(np.uint16), ""),
+        (np.stack([image - 500, image]), " of channel 1"),
+    ):
+        with pytest.raises(GpudeconvError, match=match.replace("pixel", "pixel" + where)) as caught:
+            tiles.deconvolve_tiled(
+                data, psf, 2, backend=cpu, tile=32, options={"saturation": 2900.0}
+            )
+        assert "\n" not in str(caught.value)
+
+
 # ------------------------------------------------------------------------------ measuring
 
 

@@ -593,7 +593,14 @@ _PLAIN = _Settings()
 
 
 def _restore_plane(
-    observed, operator, iterations: int, step, settings: _Settings = _PLAIN, *, info: bool = False
+    observed,
+    operator,
+    iterations: int,
+    step,
+    settings: _Settings = _PLAIN,
+    *,
+    info: bool = False,
+    window: bool = False,
 ):
     """RL on one 2-D plane on ``operator``'s backend; returns the restored plane (and its
     `ChannelInfo` with ``info``).
@@ -602,6 +609,10 @@ def _restore_plane(
     and the estimate extends by one more PSF radius of unobserved pixels (weight 0), so that the
     blur of every observed pixel is computed from estimated light only, never from zeros
     outside the array: a flat image is then an exact fixed point (Bertero & Boccacci 2005).
+
+    With ``window``, the plane is a tile's read window (`gpudeconv.tiles.restore_window`): it
+    may lie wholly in a clipped area that the image does not fill, and is restored as the image
+    is there; the tile driver checks the whole image for unsaturated data instead.
     """
     backend = operator.backend
     xp = backend.xp
@@ -624,7 +635,7 @@ def _restore_plane(
     if level is not None:
         censored = _grow(valid & (observed >= dtype(level)), xp)
         record.saturation, record.saturated = level, int(censored.sum())
-        if not bool((valid & ~censored).any()):
+        if not window and not bool((valid & ~censored).any()):
             msg = (
                 f"every pixel is at or above the saturation level {level:g}; give a higher "
                 "saturation level, or none"
