@@ -1481,7 +1481,7 @@ def restore_tiled(
                 run.run_pass(plan, todo, bar)
                 break
             except _OutOfMemory as exc:
-                plan = _smaller(plan, backend, exc)
+                plan = _smaller(plan, backend, exc, learned=network is not None)
                 if journal is not None:
                     journal.record_tile(plan.tile)
                 if bar is not None:
@@ -1515,10 +1515,20 @@ def restore_tiled(
     )
 
 
-def _smaller(plan: TilePlan, backend: Backend, error: BaseException) -> TilePlan:
-    """The plan with half the tile side, after running out of memory (said once, as a warning)."""
+def _smaller(
+    plan: TilePlan, backend: Backend, error: BaseException, *, learned: bool = False
+) -> TilePlan:
+    """The plan with half the tile side, after running out of memory (said once, as a warning).
+
+    For the ``learned`` method, half rounded down to a multiple of 4: its cores and windows
+    must start on multiples of 4 (`_Run._restore_learned`), or the window is cut to one that
+    does and loses up to 3 pixels of its halo."""
     backend.release_memory()
     tile = plan.tile // 2
+    if learned:
+        from .learned.network import MULTIPLE
+
+        tile -= tile % MULTIPLE
     if tile < MIN_TILE:
         msg = (
             f"out of {backend.name} memory even with tiles of {plan.tile} pixels: free memory "

@@ -326,6 +326,49 @@ def test_streamed_tiles_match_the_whole_image_with_one_normalization(tmp_path):
     assert "learned" in history and "normalization offset" in history
 
 
+def test_out_of_memory_halves_the_tile_to_a_multiple_of_4(weights, tmp_path, monkeypatch):
+    """A tile of 132 (a multiple of 4, not of 8) that runs out of memory goes on at 64, not 66:
+    every window still starts on a multiple of 4 and reaches the network whole, its halo
+    untouched, and the mosaic is the whole image restored with the same normalization."""
+    from astropy.io import fits
+
+    from gpudeconv import tiles
+
+    image = scene()
+    source, target = tmp_path / "mosaic.fits", tmp_path / "restored.fits"
+    fits.PrimaryHDU(image).writeto(source)
+    windows = []
+    restore = infer.learned_deconvolve
+
+    def small_only(plane, *args, **kwargs):
+        if plane.shape[-1] > 200:
+            raise MemoryError("out of memory allocating 1.2 GiB")
+        windows.append(plane.shape)
+        return restore(plane, *args, **kwargs)
+
+    monkeypatch.setattr(infer, "learned_deconvolve", small_only)
+    with pytest.warns(GpudeconvWarning, match="with tiles of 132 pixels; going on with 64-pixel"):
+        report = tiles.deconvolve_file(
+            source,
+            target,
+            PSF,
+            1,
+            tile=132,
+            progress=False,
+            method="learned",
+            backend="numpy",
+            options={"weights": weights},
+        )
+    assert report.tile == 64 and report.tiles_total == 16
+    plan = tiles._cut(image.shape, report.tile, report.halo)
+    assert all(t.read[0] % 4 == 0 and t.read[2] % 4 == 0 for t in plan.tiles)
+    assert windows == [plan.read_shape] * len(plan)  # none cut: the halo is whole
+    whole = restore(
+        image, PSF, weights=weights, normalization=report.normalization[0], backend="numpy"
+    )
+    assert np.abs(fits.getdata(target) - whole).max() <= 1e-4 * span(whole)
+
+
 def test_learned_normalization_is_validated(weights):
     image = scene()
     with pytest.raises(GpudeconvError, match="normalization must be"):
