@@ -25,14 +25,20 @@
 //                                            eps^2), div the backward differences (the exact
 //                                            negative adjoint of g), outside the image 0
 //   extrapolate  u <- max(u + a (u - p), f u), p <- u   Biggs & Andrews (1997)
+//   deviance  S_k = sum over the pixels i of block k of w D(d, m), m = max(b + bg, eps), D as
+//                                            in the damped ratio; summed in double whatever the
+//                                            element type, one partial sum per block (the data
+//                                            term is sum_k S_k, added up by the caller)
 //
 // Each step is one pass over memory. Arrays are C-contiguous and flat: element i of every
 // argument belongs to the same pixel (the TV step reads the neighbours i - 1, i + 1, i - width,
 // i + width, i - width + 1, i + width - 1 of a row-major image as well). The index type IDX is
 // put in front of this source by the Python loader ("long long" once an array reaches 2**31
-// elements); the default below lets nvcc compile the file on its own. No shared memory, no
-// barriers, no warp intrinsics: every thread handles the pixels i = start, start + stride, ...
-// of a grid-stride loop.
+// elements); the default below lets nvcc compile the file on its own. Every thread handles the
+// pixels i = start, start + stride, ... of a grid-stride loop. No warp intrinsics, no dynamic
+// shared memory; only the deviance uses shared memory and barriers (a block's tree reduction),
+// and every thread of its block reaches every barrier (no early return), as the CPU emulation
+// in tests/ requires.
 
 #ifndef IDX
 #define IDX int
@@ -206,6 +212,44 @@ __device__ void ba_extrapolate(T* estimate, T* previous, IDX n, T alpha, T floor
     }
 }
 
+/// The type of the deviance's partial sums: double for either element type, so that a sum over
+/// hundreds of millions of float32 pixels keeps the precision of its terms.
+typedef double gpudeconv_sum;
+
+/// Threads a block of the deviance may have: CUDA's limit, so that any launch fits its
+/// shared-memory tree (8 KB).
+#define GPUDECONV_MAX_THREADS 1024
+
+/// partial[blockIdx.x] = the sum, in gpudeconv_sum, of weight[i] * D(observed[i], m) over the
+/// pixels i of this block's threads, m = max(blurred[i] + background, eps) (a NaN model stays
+/// NaN, as NumPy's maximum keeps it) and D = poisson_deviance; weight is read only if
+/// has_weight. Each thread sums its grid-stride pixels, then the block adds its threads' sums
+/// in a tree in shared memory (blockDim.x <= GPUDECONV_MAX_THREADS, any count). The operations
+/// of a pixel are those of the damped ratio, in its order; the caller adds the gridDim.x
+/// partial sums.
+template <typename T>
+__device__ void rl_deviance(const T* observed, const T* blurred, const T* weight,
+                            gpudeconv_sum* partial, IDX n, T eps, T background, int has_weight) {
+    __shared__ gpudeconv_sum sums[GPUDECONV_MAX_THREADS];
+    gpudeconv_sum sum = 0;
+    for (IDX i = gpudeconv_first_index(); i < n; i += gpudeconv_grid_stride()) {
+        T m = blurred[i] + background;
+        m = m < eps ? eps : m;
+        const T dev = poisson_deviance(observed[i], m);
+        sum += (gpudeconv_sum)(has_weight ? weight[i] * dev : dev);
+    }
+    const unsigned int t = threadIdx.x;
+    sums[t] = sum;
+    __syncthreads();
+    unsigned int width = 1;  // the least power of two >= blockDim.x
+    while (width < blockDim.x) width *= 2;
+    for (unsigned int half = width / 2; half > 0; half /= 2) {
+        if (t < half && t + half < blockDim.x) sums[t] += sums[t + half];
+        __syncthreads();
+    }
+    if (t == 0) partial[blockIdx.x] = sums[0];
+}
+
 extern "C" __global__ void gpudeconv_rl_ratio_float32(const float* observed, const float* blurred,
                                                       const float* weight, float* ratio, IDX n,
                                                       float eps, float background,
@@ -278,4 +322,21 @@ extern "C" __global__ void gpudeconv_ba_extrapolate_float64(double* estimate, do
                                                             IDX n, double alpha,
                                                             double floor_fraction) {
     ba_extrapolate<double>(estimate, previous, n, alpha, floor_fraction);
+}
+
+extern "C" __global__ void gpudeconv_rl_deviance_float32(const float* observed,
+                                                         const float* blurred,
+                                                         const float* weight,
+                                                         gpudeconv_sum* partial, IDX n, float eps,
+                                                         float background, int has_weight) {
+    rl_deviance<float>(observed, blurred, weight, partial, n, eps, background, has_weight);
+}
+
+extern "C" __global__ void gpudeconv_rl_deviance_float64(const double* observed,
+                                                         const double* blurred,
+                                                         const double* weight,
+                                                         gpudeconv_sum* partial, IDX n,
+                                                         double eps, double background,
+                                                         int has_weight) {
+    rl_deviance<double>(observed, blurred, weight, partial, n, eps, background, has_weight);
 }

@@ -248,7 +248,14 @@ def check_update(
 
 def test_rl_steps_entry_points(rl_steps):
     module, _ = rl_steps
-    steps = ("rl_ratio", "rl_damped_ratio", "rl_update", "rl_tv_norm", "ba_extrapolate")
+    steps = (
+        "rl_ratio",
+        "rl_damped_ratio",
+        "rl_update",
+        "rl_tv_norm",
+        "ba_extrapolate",
+        "rl_deviance",
+    )
     assert sorted(module.names) == sorted(
         f"gpudeconv_{op}_{dtype}" for op in steps for dtype in RTOL
     )
@@ -653,6 +660,160 @@ def test_ba_extrapolate_matches_numpy(rl_steps, dtype, grid, block, alpha):
         assert (estimate[start > 0] < start[start > 0]).sum() > 300
 
 
+# ---------------------------------------------------------------------------- deviance
+#: Launch shapes of the deviance: besides LAUNCHES (many trips round the grid-stride loop, one
+#: thread for everything, idle threads), the backend's 256-thread blocks with 8x more blocks
+#: than the pixels need (56 idle blocks must write 0), a block whose size is not a power of two
+#: (the tree's guard) and CUDA's largest block (the whole shared tree).
+DEVIANCE_LAUNCHES = [
+    *LAUNCHES,
+    pytest.param((64,), (256,), id="grid64x256"),
+    pytest.param((5,), (96,), id="grid5x96"),
+    pytest.param((2,), (1024,), id="grid2x1024"),
+]
+#: The float64 sums differ only by their order (a tree against NumPy's pairwise sum); float32
+#: terms also by the ulp of logf against NumPy's log where d ~ m cancels. Measured (both index
+#: types, every launch, level and weighting): totals 4.2e-8 (float32) and 4.3e-15 (float64),
+#: one block's partial sum (32 to 1024 terms) 5.0e-7 and 2.2e-15.
+DEVIANCE_RTOL = {"float32": 2e-7, "float64": 1e-13}
+PARTIAL_RTOL = {"float32": 2e-6, "float64": 1e-13}
+
+
+def deviance_data(dtype: str, kind: str) -> dict[str, np.ndarray]:
+    """Data, model and weights of the data term, as the RL loop passes them.
+
+    ``'fit'``: a noisy star field (counts, 50 sky) and its noise-free blur as the model, both
+    scaled to a maximum of 1 as RL works: the model fits to the noise, about one deviance per
+    pixel in counts, where d ~ m cancels. ``'edge-cases'``: damped_data (models at, below and
+    far below eps, negative ones; data without photons, negative data). Both with a no-data
+    border of NaN data and weight 0 (four columns) and 100 hot pixels of weight 0.
+    """
+    rng = np.random.default_rng(21)
+    if kind == "fit":
+        observed = star_field(SHAPE, seed=21, n_stars=8).astype(np.float64)
+        model = star_field(SHAPE, seed=21, n_stars=8, noise=False).astype(np.float64)
+        scale = observed.max()
+        weight = np.ones(SHAPE, dtype)
+        weight.reshape(-1)[rng.choice(weight.size, 100, replace=False)] = 0.0
+        d = dict(
+            observed=(observed / scale).astype(dtype),
+            blurred=(model / scale).astype(dtype),
+            weight=weight,
+            eps=dtype_type(dtype)(ratio_eps()),
+        )
+    else:
+        d = damped_data(dtype)
+    d["weight"][:, :4] = 0.0
+    d["observed"][:, :4] = np.nan
+    return d
+
+
+def deviance_terms(d, *, weighted: bool, background) -> np.ndarray:
+    """weight * D(d, max(b + bg, eps)) of every pixel, in the data's dtype: the NumPy backend's
+    formula (poisson_deviance, in its operation order) before its sum."""
+    from gpudeconv.backend._base import poisson_deviance
+
+    model = np.maximum(d["blurred"] + background, d["eps"])
+    terms = poisson_deviance(d["observed"], model, xp=np)
+    return terms * d["weight"] if weighted else terms
+
+
+def launch_deviance(module, idx, dtype, grid, block, d, *, weighted, background) -> np.ndarray:
+    """The deviance kernel's partial sums, one per block (NaN where a block wrote none)."""
+    partial = np.full(grid[0], np.nan)
+    module.launch(
+        f"gpudeconv_rl_deviance_{dtype}",
+        grid,
+        block,
+        (
+            d["observed"],
+            d["blurred"],
+            d["weight"] if weighted else d["observed"],
+            partial,
+            index_scalar(idx, d["blurred"].size),
+            d["eps"],
+            background,
+            np.int32(weighted),
+        ),
+    )
+    return partial
+
+
+def check_deviance(module, idx, dtype, grid, block, d, *, weighted, background) -> np.ndarray:
+    """The kernel's partial sums against the NumPy backend's total and against each block's
+    own pixels (block b sums the pixels i with (i // threads) % blocks == b); returns them."""
+    weight = d["weight"] if weighted else None
+    expected = numpy_backend().rl_deviance(
+        d["observed"], d["blurred"], weight, background=background
+    )
+    partial = launch_deviance(
+        module, idx, dtype, grid, block, d, weighted=weighted, background=background
+    )
+    np.testing.assert_allclose(partial.sum(), expected, rtol=DEVIANCE_RTOL[dtype], atol=0)
+    terms = deviance_terms(d, weighted=weighted, background=background).astype(np.float64)
+    owner = (np.arange(terms.size) // block[0]) % grid[0]
+    by_block = np.bincount(owner, weights=terms.reshape(-1), minlength=grid[0])
+    np.testing.assert_allclose(partial, by_block, rtol=PARTIAL_RTOL[dtype], atol=0)
+    return partial
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("grid", "block"), DEVIANCE_LAUNCHES)
+@pytest.mark.parametrize("kind", ["fit", "edge-cases"])
+def test_rl_deviance_matches_numpy(rl_steps, dtype, grid, block, kind):
+    module, idx = rl_steps
+    d = deviance_data(dtype, kind)
+    sums = []
+    for weighted in (True, False):
+        partial = check_deviance(
+            module, idx, dtype, grid, block, d, weighted=weighted, background=d["eps"] * 0
+        )
+        assert np.isfinite(partial).all()  # NaN data: 2 m, times weight 0 where weighted
+        busy = -(-d["blurred"].size // block[0])  # blocks after these have no pixel
+        assert (partial[busy:] == 0).all()  # and write 0, not nothing
+        sums.append(partial.sum())
+    assert sums[0] < sums[1]  # the no-data border and the hot pixels were left out
+    if kind == "fit":  # a fit to the noise: about one per observed pixel in counts
+        counts = star_field(SHAPE, seed=21, n_stars=8).max()
+        assert 0.7 < sums[0] * counts / (d["weight"] > 0).sum() < 1.5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("level", ["sky", "negative"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
+def test_rl_deviance_with_background_matches_numpy(rl_steps, dtype, level, weighted):
+    module, idx = rl_steps
+    d = deviance_data(dtype, "edge-cases")
+    background = backgrounds(dtype)[level]
+    partial = check_deviance(
+        module, idx, dtype, (3,), (32,), d, weighted=weighted, background=background
+    )
+    plain = numpy_backend().rl_deviance(
+        d["observed"], d["blurred"], d["weight"] if weighted else None
+    )
+    assert abs(partial.sum() - plain) > 0.01 * plain  # the background did shift the model
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rl_deviance_treats_non_finite_pixels_as_numpy(rl_steps, dtype):
+    """NaN data counts 2 m without weights and 0 under weight 0; a NaN model (or infinite data)
+    makes the sum NaN, weighted or not, as NumPy's maximum and 0 * NaN do."""
+    module, idx = rl_steps
+    scalar = dtype_type(dtype)
+    for case in ("nan-model", "inf-data", "nan-data"):
+        d = deviance_data(dtype, "fit")
+        if case == "nan-model":
+            d["blurred"][10, 10] = np.nan
+        elif case == "inf-data":
+            d["observed"][:, 3] = np.inf  # in the no-data border
+        for weighted in (True, False):
+            with np.errstate(invalid="ignore"):  # NumPy's inf - inf
+                partial = check_deviance(
+                    module, idx, dtype, (3,), (32,), d, weighted=weighted, background=scalar(0.0)
+                )
+            assert np.isnan(partial.sum()) == (case != "nan-data")
+
+
 # ---------------------------------------------------------------------------- broken kernels
 def broken_rl_steps(old: str, new: str, count: int, emulation_cache):
     text = kh.kernels_module().kernel_source("rl_steps.cu", IDX="int")
@@ -663,7 +824,7 @@ def broken_rl_steps(old: str, new: str, count: int, emulation_cache):
 
 
 def test_harness_catches_a_wrong_grid_stride(emulation_cache):
-    module = broken_rl_steps("i += gpudeconv_grid_stride()", "i += blockDim.x", 5, emulation_cache)
+    module = broken_rl_steps("i += gpudeconv_grid_stride()", "i += blockDim.x", 6, emulation_cache)
     # Every block now redoes the pixels of the blocks after it: in-place steps go wrong.
     with pytest.raises(AssertionError, match="Not equal to tolerance"):
         check_update(module, "int", "float32", (3,), (32,), with_norm=False)
@@ -672,7 +833,7 @@ def test_harness_catches_a_wrong_grid_stride(emulation_cache):
 
 
 def test_harness_catches_a_read_past_the_end(emulation_cache):
-    module = broken_rl_steps("i < n; i +=", "i <= n; i +=", 5, emulation_cache)
+    module = broken_rl_steps("i < n; i +=", "i <= n; i +=", 6, emulation_cache)
     with pytest.raises(kh.KernelError, match="AddressSanitizer"):
         check_update(module, "int", "float64", (3,), (32,), with_norm=True)
 
@@ -819,6 +980,17 @@ def check_tv(module, idx, dtype):
         check_tv_norm(module, idx, dtype, (3,), (32,), ring=False, setting=setting)
 
 
+def check_deviance_cases(module, idx, dtype):
+    """The deviance on both data sets, weighted, with a non-power-of-two block; with a NaN model."""
+    for kind in ("fit", "edge-cases"):
+        d = deviance_data(dtype, kind)
+        background = dtype_type(dtype)(0.0)
+        check_deviance(module, idx, dtype, (5,), (96,), d, weighted=True, background=background)
+    d = deviance_data(dtype, "fit")
+    d["blurred"][10, 10] = np.nan
+    check_deviance(module, idx, dtype, (5,), (96,), d, weighted=True, background=background)
+
+
 WRONG_NEW_STEPS = {
     # the exponent N instead of N - 1
     "damped-power": (
@@ -868,6 +1040,26 @@ WRONG_NEW_STEPS = {
         ],
         check_extrapolate,
     ),
+    # the tree started at half the block: a block of 96 threads drops the sums of threads 2-3
+    "deviance-tree-width": (
+        [("unsigned int half = width / 2;", "unsigned int half = blockDim.x / 2;")],
+        check_deviance_cases,
+    ),
+    # the guard as the damped ratio writes it: a NaN model becomes eps, the sum finite
+    "deviance-nan-model-guarded": (
+        [("m = m < eps ? eps : m;", "m = m > eps ? m : eps;")],
+        check_deviance_cases,
+    ),
+    # the weight left out of the sum: no-data pixels count
+    "deviance-unweighted": (
+        [
+            (
+                "sum += (gpudeconv_sum)(has_weight ? weight[i] * dev : dev);",
+                "sum += (gpudeconv_sum)dev;",
+            )
+        ],
+        check_deviance_cases,
+    ),
 }
 
 
@@ -879,6 +1071,28 @@ def test_a_wrong_new_step_fails(emulation_cache, mutant):
     broken = broken_rl_steps_edited(edits, emulation_cache)
     with pytest.raises(AssertionError, match="Not equal to tolerance|nan location mismatch"):
         check(broken, "int", "float64")
+
+
+def test_a_deviance_without_its_tree_barrier_is_a_data_race(emulation_cache):
+    """ThreadSanitizer finds no race in the deviance's block reduction, and the race that a
+    missing barrier between the tree's levels leaves."""
+    barrier = "sums[t] += sums[t + half];\n        __syncthreads();\n"
+    text = kh.kernels_module().kernel_source("rl_steps.cu", IDX="int")
+    assert text.count(barrier) == 1, "rl_steps.cu changed: update this test's barrier"
+    good = kh.build_kernel("rl_steps.cu", IDX="int", cache_dir=emulation_cache, sanitize="thread")
+    d = deviance_data("float64", "fit")
+    background = np.float64(0.0)
+    check_deviance(good, "int", "float64", (2,), (64,), d, weighted=True, background=background)
+    racy = kh.build_source(
+        text.replace(barrier, "sums[t] += sums[t + half];\n"),
+        name="rl_steps_racy.cu",
+        cache_dir=emulation_cache,
+        sanitize="thread",
+    )
+    with pytest.raises(kh.KernelError, match="data race"):
+        launch_deviance(
+            racy, "int", "float64", (2,), (64,), d, weighted=True, background=background
+        )
 
 
 # ---------------------------------------------------------------------------- the emulation itself

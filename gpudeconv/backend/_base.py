@@ -272,6 +272,9 @@ class Backend(abc.ABC):
     direct_max_size: int = 0
     #: the array namespace (``numpy`` or ``cupy``)
     xp: Any
+    #: the image filters of ``xp``'s arrays, with SciPy's signatures (``scipy.ndimage`` or
+    #: ``cupyx.scipy.ndimage``): filtering where the data lives, without a copy to the host
+    ndimage: Any
     #: largest PSF side that :meth:`sv_direct` takes (0: no direct spatially-varying kernel)
     sv_kernel_max_size: int = 0
     #: throughputs for the cost model of the operators
@@ -526,8 +529,8 @@ class Backend(abc.ABC):
         fit, about one per observed pixel when the model fits to the noise (in counts).
 
         Reads its arguments only (``blurred`` stays for :meth:`rl_ratio`). This version is
-        written with ``xp`` alone and runs on any backend; returning a float waits for the
-        device.
+        written with ``xp`` alone and runs on any backend (the NumPy backend sums row blocks in
+        parallel, the CuPy one runs a fused kernel); returning a float waits for the device.
         """
         xp = self.xp
         dtype = blurred.dtype

@@ -847,16 +847,14 @@ def _dering_floor(padded, operator, shift: float, strength: float, sigma: float,
     local background, nebulosity included; a box mean of the same width smooths the opening's
     steps. The envelope lies a few noise sigmas under the local background (the opening takes
     minima), so the bound holds the deep dark rings of RL up without clipping the sky's noise.
+    Computed on ``backend`` (its ``ndimage`` filters), where ``padded`` lives.
     """
-    import scipy.ndimage
-
-    host = backend.to_host(padded)
     size = (2 * operator.radius[0] + 1, 2 * operator.radius[1] + 1)
-    opened = scipy.ndimage.grey_opening(host, size=size, mode="reflect")
-    smooth = scipy.ndimage.uniform_filter(opened, size=size, mode="reflect")
+    opened = backend.ndimage.grey_opening(padded, size=size, mode="reflect")
+    smooth = backend.ndimage.uniform_filter(opened, size=size, mode="reflect")
     allowance = shift + (1 / strength - 1) * sigma
-    bound = np.maximum(smooth - host.dtype.type(allowance), 0)
-    return backend.asarray(bound.astype(host.dtype, copy=False))
+    bound = backend.xp.maximum(smooth - padded.dtype.type(allowance), 0)
+    return bound.astype(padded.dtype, copy=False)
 
 
 def _pedestal(low: float, high: float) -> float:
