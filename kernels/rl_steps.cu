@@ -22,8 +22,14 @@
 //                                            (Dey et al. 2006): g = (u[i,j+1] - u[i,j],
 //                                            u[i+1,j] - u[i,j]) the forward differences, 0 across
 //                                            the last column and row, |g| = sqrt(gx^2 + gy^2 +
-//                                            eps^2), div the backward differences (the exact
-//                                            negative adjoint of g), outside the image 0
+//                                            e^2), div the backward differences (the exact
+//                                            negative adjoint of g), outside the image 0, and
+//                                            e = max(eps, 8 lambda u[i,j]) at g's own pixel: the
+//                                            step is an explicit diffusion of coefficient
+//                                            lambda u / e where |g| < e, which damps every
+//                                            pattern, a checkerboard too, without overshoot only
+//                                            while lambda u / e <= 1/8 (flat, noise-free areas:
+//                                            clipped cores, smooth high-SNR planetary detail)
 //   extrapolate  u <- max(u + a (u - p), f u), p <- u   Biggs & Andrews (1997)
 //   deviance  S_k = sum over the pixels i of block k of w D(d, m), m = max(b + bg, eps), D as
 //                                            in the damped ratio; summed in double whatever the
@@ -149,10 +155,17 @@ __device__ void rl_update(T* estimate, const T* correction, const T* norm, const
     }
 }
 
-/// sqrt(gx^2 + gy^2 + eps2): the length of a forward gradient, never below eps.
+/// TV_STABILITY lambda u: the explicit TV step's diffusion coefficient lambda u / e stays at or
+/// under 1/8 (no overshoot on the finest pattern) when e is at least this.
+#define GPUDECONV_TV_STABILITY 8
+
+/// sqrt(gx^2 + gy^2 + e^2), e = max(epsilon, reach u) (reach = 8 lambda): the length of the
+/// forward gradient at a pixel of value u, never below e. Compared so that a NaN u gives epsilon.
 template <typename T>
-__device__ inline T tv_length(T gx, T gy, T eps2) {
-    return gpudeconv_sqrt(gx * gx + gy * gy + eps2);
+__device__ inline T tv_length(T gx, T gy, T u, T reach, T epsilon) {
+    T e = reach * u;
+    e = e > epsilon ? e : epsilon;
+    return gpudeconv_sqrt(gx * gx + gy * gy + e * e);
 }
 
 /// out[i] = the TV normalization of the header for the row-major image estimate of n pixels
@@ -164,7 +177,7 @@ __device__ inline T tv_length(T gx, T gy, T eps2) {
 template <typename T>
 __device__ void rl_tv_norm(const T* estimate, const T* norm, T* out, IDX n, IDX width,
                            T norm_floor, T strength, T epsilon) {
-    const T eps2 = epsilon * epsilon;
+    const T reach = (T)GPUDECONV_TV_STABILITY * strength;
     for (IDX i = gpudeconv_first_index(); i < n; i += gpudeconv_grid_stride()) {
         const T w = norm[i];
         if (w <= norm_floor) {
@@ -177,20 +190,20 @@ __device__ void rl_tv_norm(const T* estimate, const T* norm, T* out, IDX n, IDX 
         const T u = estimate[i];
         const T gx = right ? estimate[i + 1] - u : (T)0;
         const T gy = below ? estimate[i + width] - u : (T)0;
-        const T length = tv_length(gx, gy, eps2);
+        const T length = tv_length(gx, gy, u, reach, epsilon);
         T div = gx / length;
         if (col > 0) {  // minus nx of the left neighbour, whose gx is u - left
             const T left = estimate[i - 1];
             const T lgx = u - left;
             const T lgy = below ? estimate[i - 1 + width] - left : (T)0;
-            div = div - lgx / tv_length(lgx, lgy, eps2);
+            div = div - lgx / tv_length(lgx, lgy, left, reach, epsilon);
         }
         div = div + gy / length;
         if (i >= width) {  // minus ny of the neighbour above, whose gy is u - above
             const T above = estimate[i - width];
             const T agy = u - above;
             const T agx = right ? estimate[i - width + 1] - above : (T)0;
-            div = div - agy / tv_length(agx, agy, eps2);
+            div = div - agy / tv_length(agx, agy, above, reach, epsilon);
         }
         const T regularized = w - strength * div;
         const T half = (T)0.5 * w;

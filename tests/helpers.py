@@ -79,8 +79,9 @@ def reference_regularized_rl(
     ``u >= 0`` the light above the known background plus the offset, started at
     ``max(d + offset - background, sigma / 10)``; the result is ``u - offset + background``.
     TV (Dey et al. 2006): the normalization ``h~ * w`` becomes
-    ``h~ * w - tv div(grad u / |grad u|)`` (forward differences, gradient scale sigma / 10),
-    floored at half of itself. Damping (White 1994): the ratio is
+    ``h~ * w - tv div(grad u / |grad u|)`` (forward differences, gradient scale sigma / 10 or
+    ``8 tv u`` at the gradient's pixel, whichever is larger), floored at half of itself.
+    Damping (White 1994): the ratio is
     ``1 + U^(N-1) (N - (N-1) U) (d - m) / m`` where ``U = g * deviance(d, m) / damping^2 < 1``,
     ``N = 10``.
     """
@@ -120,7 +121,7 @@ def reference_regularized_rl(
             gy = np.zeros_like(u)
             gx[:, :-1] = u[:, 1:] - u[:, :-1]
             gy[:-1] = u[1:] - u[:-1]
-            magnitude = np.sqrt(gx**2 + gy**2 + epsilon**2)
+            magnitude = np.sqrt(gx**2 + gy**2 + np.maximum(epsilon, 8 * tv * u) ** 2)
             nx, ny = gx / magnitude, gy / magnitude
             divergence = nx.copy()
             divergence[:, 1:] -= nx[:, :-1]

@@ -12,7 +12,7 @@ import scipy.signal
 
 import gpudeconv as gd
 from gpudeconv import GpudeconvError
-from gpudeconv.backend import NORM_FLOOR, RATIO_EPS, _cupy_status, is_cupy_array
+from gpudeconv.backend import NORM_FLOOR, RATIO_EPS, TV_STABILITY, _cupy_status, is_cupy_array
 from gpudeconv.backend._kernels import index_type, kernel_dir, kernel_path, kernel_source
 
 
@@ -368,11 +368,13 @@ def test_update_floor_and_change(backend, dtype, norm, clamped):
 
 
 def tv_reference(estimate, norm, *, strength, epsilon):
-    """Dey et al.'s normalization in float64, with np.diff and np.pad."""
+    """Dey et al.'s normalization in float64, with np.diff and np.pad; the gradient floor
+    ``max(epsilon, TV_STABILITY strength u)`` at the gradient's own pixel."""
     u = np.asarray(estimate, np.float64)
     gx = np.pad(np.diff(u, axis=1), ((0, 0), (0, 1)))
     gy = np.pad(np.diff(u, axis=0), ((0, 1), (0, 0)))
-    length = np.sqrt(gx**2 + gy**2 + epsilon**2)
+    floor = np.maximum(epsilon, TV_STABILITY * strength * u)
+    length = np.sqrt(gx**2 + gy**2 + floor**2)
     nx, ny = gx / length, gy / length
     div = np.diff(nx, axis=1, prepend=0.0) + np.diff(ny, axis=0, prepend=0.0)
     n = np.asarray(norm, np.float64)
@@ -648,9 +650,16 @@ def test_row_parallel_stencil_and_sums_match_one_block():
     out = np.full(shape, np.nan, np.float32)
     backend.rl_tv_norm(estimate, norm, out, strength=0.05, epsilon=1.0)
     whole = np.full(shape, np.nan, np.float32)
-    epsilon = np.float32(1.0)
+    strength = np.float32(0.05)
     _tv_norm_rows(
-        estimate, norm, whole, 0, shape[0], strength=np.float32(0.05), eps2=epsilon * epsilon
+        estimate,
+        norm,
+        whole,
+        0,
+        shape[0],
+        strength=strength,
+        reach=np.float32(TV_STABILITY) * strength,
+        epsilon=np.float32(1.0),
     )
     np.testing.assert_array_equal(out, whole)
     observed = rng.poisson(estimate).astype(np.float32)

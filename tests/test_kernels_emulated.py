@@ -1022,7 +1022,16 @@ WRONG_NEW_STEPS = {
     ),
     # TV without the neighbour above, or with the left neighbour's gy from the wrong row
     "tv-no-upper": (
-        [("div = div - agy / tv_length(agx, agy, eps2);", "")],
+        [("div = div - agy / tv_length(agx, agy, above, reach, epsilon);", "")],
+        check_tv,
+    ),
+    # the left neighbour's gradient floored by this pixel's value, or no value floor at all
+    "tv-floor-pixel": (
+        [("tv_length(lgx, lgy, left, reach, epsilon)", "tv_length(lgx, lgy, u, reach, epsilon)")],
+        check_tv,
+    ),
+    "tv-no-stability": (
+        [("e = e > epsilon ? e : epsilon;", "e = epsilon;")],
         check_tv,
     ),
     "tv-left-gy-row": (

@@ -12,7 +12,15 @@ import logging
 import os
 
 from .._errors import GpudeconvError
-from ._base import NORM_FLOOR, RATIO_EPS, Backend, CostRates, MemoryInfo, is_cupy_array
+from ._base import (
+    NORM_FLOOR,
+    RATIO_EPS,
+    TV_STABILITY,
+    Backend,
+    CostRates,
+    MemoryInfo,
+    is_cupy_array,
+)
 from ._kernels import sv_tile
 from ._numpy import NumPyBackend
 
@@ -22,6 +30,7 @@ __all__ = [
     "MemoryInfo",
     "NORM_FLOOR",
     "RATIO_EPS",
+    "TV_STABILITY",
     "available_backends",
     "backend_for",
     "get_backend",

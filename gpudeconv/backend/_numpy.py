@@ -16,6 +16,7 @@ from .._errors import GpudeconvError
 from ._base import (
     NORM_FLOOR,
     RATIO_EPS,
+    TV_STABILITY,
     Backend,
     CostRates,
     MemoryInfo,
@@ -235,14 +236,15 @@ class NumPyBackend(Backend):
         strength, epsilon = validate_tv(strength, epsilon)
         check_tv_arrays(estimate, norm, out, xp=np)
         scalar = estimate.dtype.type
-        epsilon = scalar(epsilon)
+        strength = scalar(strength)
         stencil = functools.partial(
             _tv_norm_rows,
             estimate,
             np.asarray(norm, dtype=estimate.dtype),
             out,
-            strength=scalar(strength),
-            eps2=epsilon * epsilon,  # rounded as the kernel rounds it
+            strength=strength,
+            reach=scalar(TV_STABILITY) * strength,  # rounded as the kernel rounds it
+            epsilon=scalar(epsilon),
         )
         by_row_ranges(stencil, estimate.shape[0], estimate.size)
         return out
@@ -378,14 +380,18 @@ def _extended_update(estimate, correction, norm, floor, change, *, bounds):
         np.subtract(estimate, change, out=change)
 
 
-def _tv_norm_rows(estimate, norm, out, start, stop, *, strength, eps2):
+def _tv_norm_rows(estimate, norm, out, start, stop, *, strength, reach, epsilon):
     # Rows start:stop of out, from the unit gradients of the estimate's rows start - 1 (the
-    # upper neighbours' ny) to stop - 1, with the kernel's operations in its order.
+    # upper neighbours' ny) to stop - 1, with the kernel's operations in its order. Each
+    # gradient's floor is max(epsilon, reach u) at its own pixel (TV_STABILITY, _base.py).
     top = max(start - 1, 0)
     nx, ny = _gradient(estimate, top, stop)
+    floor = np.multiply(estimate[top:stop], reach)
+    np.copyto(floor, epsilon, where=~(floor > epsilon))  # compared as the kernel does: NaN -> eps
+    floor *= floor
     length = nx * nx
     length += ny * ny
-    length += eps2
+    length += floor
     np.sqrt(length, out=length)
     nx /= length
     ny /= length
