@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.ndimage
 from helpers import reference_rl, star_field, to_numpy
 
 import gpudeconv as gd
 from gpudeconv import GpudeconvError, GpudeconvWarning
+from gpudeconv.restore import rl
 
 
 def relative_error(result, reference, margin):
@@ -243,3 +245,94 @@ def test_result_does_not_depend_on_the_data_units(backend, scale):
     reference = to_numpy(gd.richardson_lucy(image, psf, 10, backend=backend))
     scaled = to_numpy(gd.richardson_lucy(image * np.float32(scale), psf, 10, backend=backend))
     np.testing.assert_allclose(scaled / np.float32(scale), reference, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------- the start of no-data pixels
+def clipped_disc(shape, centre, radius, psf, level=30000.0):
+    """A bright disc (the Moon, a bright star's core) blurred by ``psf`` and clipped at
+    ``level``, as a float32 plane to add to a star field."""
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    disc = np.where((y - centre[0]) ** 2 + (x - centre[1]) ** 2 < radius**2, 1e5, 0.0)
+    return np.minimum(scipy.ndimage.convolve(disc, psf, mode="constant"), level)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-3), ("float64", 1e-9)])
+def test_nodata_next_to_the_data_does_not_see_far_objects(backend, dtype, tolerance):
+    # No-data pixels start from the mean of the data near them (rl._nodata_start), not of the
+    # whole image: a clipped disc 200 px from a NaN border (beyond the 100 px that 10
+    # iterations of this PSF spread influence) leaves the pixels beside the border as they
+    # were, up to the rounding of the data's other scale (measured: 1.2e-4 of the sky in
+    # float32, as far from the border; 4e-13 in float64). Started from the mean of the whole
+    # image, they moved by 1.28 times the sky.
+    psf = gd.psf.gaussian(2.5, size=11)
+    image = star_field((360, 300), seed=21, n_stars=150).astype(dtype)
+    lit = np.minimum(image + clipped_disc(image.shape, (280, 150), 50, psf), 30000.0)
+    for plane in (image, lit):
+        plane[:20] = np.nan  # an unobserved border
+        plane[:60, :40] = np.nan  # and a corner
+    dark = to_numpy(gd.richardson_lucy(image, psf, 10, backend=backend))
+    bright = to_numpy(gd.richardson_lucy(lit.astype(dtype), psf, 10, backend=backend))
+    beside = (slice(20, 40), slice(40, 300))  # the 20 rows next to the NaN border
+    level = float(np.median(dark[beside]))
+    assert np.abs(bright[beside] - dark[beside]).max() <= tolerance * level
+    assert np.abs(bright[300:] - dark[300:]).max() > level  # the disc did change the image
+
+
+def test_nodata_start_is_the_mean_of_the_data_near_it(backend):
+    # Normalized convolution: a no-data pixel within the PSF radius + 1 of data takes the mean
+    # of the data in that box; deeper ones (a mosaic half unobserved) a mean of data near them
+    # too; the data itself is untouched, bit for bit.
+    xp = backend.xp
+    image = star_field((120, 150), seed=22, n_stars=40)
+    image[:, :70] = np.nan  # half unobserved, 70 px deep
+    image[100:, 120:] = np.nan  # and a corner
+    valid = np.isfinite(image)
+    start = to_numpy(rl._nodata_start(backend.asarray(image), xp.asarray(valid), (4, 5), xp))
+    assert start.dtype == np.float32 and np.isfinite(start).all()
+    np.testing.assert_array_equal(start[valid], image[valid])
+    for y, x in [(0, 69), (50, 64), (119, 69), (60, 65), (100, 125), (110, 120), (105, 124)]:
+        box = image[max(y - 5, 0) : y + 6, max(x - 6, 0) : x + 7]
+        assert start[y, x] == pytest.approx(np.nanmean(box.astype(np.float64)), rel=1e-5)
+    # deeper, a mean of the data within about 4 times the depth: brighter stars 80 px or more
+    # from the pixels 6 to 15 px deep leave them as they were
+    assert image[valid].min() <= start.min() and start.max() <= image[valid].max()
+    brighter = image.copy()
+    brighter[:, 145:] *= 3
+    again = to_numpy(rl._nodata_start(backend.asarray(brighter), xp.asarray(valid), (4, 5), xp))
+    np.testing.assert_array_equal(again[:, 55:65], start[:, 55:65])
+
+
+def test_nodata_start_of_a_window_is_the_whole_planes(backend):
+    # Within the PSF radius + 1 of data (the pixels whose start reaches the restored data), a
+    # tile's window starts its no-data pixels as the whole plane does, bit for bit.
+    xp = backend.xp
+    image = star_field((200, 240), seed=23, n_stars=60)
+    rows, columns = np.mgrid[:200, :240]
+    image[rows + columns < 150] = np.nan  # a wedge
+    image[150:, 200:] = np.nan
+    radius = (6, 6)
+
+    def start(plane):
+        valid = np.isfinite(plane)
+        return to_numpy(rl._nodata_start(backend.asarray(plane), xp.asarray(valid), radius, xp))
+
+    whole, window = start(image), start(image[30:190, 25:230])
+    near = scipy.ndimage.binary_dilation(np.isfinite(image), np.ones((15, 15), bool))
+    inside = np.zeros_like(near)
+    inside[37:183, 32:223] = True  # the window less 7 px (radius + 1) on each side
+    assert (near & inside & np.isnan(image)).sum() > 1000  # the case under test
+    compared = (near & inside)[30:190, 25:230]
+    np.testing.assert_array_equal(window[compared], whole[30:190, 25:230][compared])
+
+
+def test_an_image_without_nodata_starts_from_its_data(backend, monkeypatch):
+    # Without no-data the start is the data itself, as before the local fill: no fill runs.
+    def refuse(*args):
+        raise AssertionError("no-data fill on an image without no-data")
+
+    monkeypatch.setattr(rl, "_nodata_start", refuse)
+    image = star_field((64, 80), seed=24)
+    psf = gd.psf.gaussian(2.0, size=9)
+    result = to_numpy(gd.richardson_lucy(image, psf, 5, backend=backend))
+    reference = reference_rl(image, psf, 5)
+    assert relative_error(result, reference, 8) < 1e-4

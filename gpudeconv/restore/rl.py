@@ -432,10 +432,11 @@ def richardson_lucy(
     pixels the ratio is raised to at least 1. Inside the frame
     :math:`H^T w = 1` and without the TV term this is the plain iteration of [1]_ and [2]_. The
     damped ratio replaces the ratio by White's damped form. The estimate starts from the
-    observed image. The image is padded by reflection by the PSF radius, and the estimate
-    reaches one more radius beyond, unobserved (:math:`w = 0`) [3]_, so borders neither darken
-    nor ring and a flat image stays flat. Every option is a parameter of the same four steps
-    (forward, ratio, adjoint, update), fused into single passes on the GPU.
+    observed image, its no-data pixels from the mean of the data near them. The image is
+    padded by reflection by the PSF radius, and the estimate reaches one more radius beyond,
+    unobserved (:math:`w = 0`) [3]_, so borders neither darken nor ring and a flat image stays
+    flat. Every option is a parameter of the same four steps (forward, ratio, adjoint,
+    update), fused into single passes on the GPU.
 
     References
     ----------
@@ -674,6 +675,12 @@ def _restore_plane(
         start = xp.maximum((observed + dtype(pedestal)) * dtype(1 / scale), floor)
     if has_nodata:
         data = xp.where(valid, data, dtype(0))
+        # No-data pixels start from the mean of the data around them instead of 0, from which
+        # RL cannot move; a mean of the whole image let far objects (a clipped disc) change the
+        # restored pixels next to the no-data, and tiles differ from the whole image there.
+        first = _nodata_start(start, valid, operator.radius, xp)
+    else:
+        first = start
 
     ry, rx = operator.radius
     frame = ((ry, ry), (rx, rx))
@@ -685,13 +692,8 @@ def _restore_plane(
         observed_weight = xp.ones_like(padded)
     weight = xp.pad(observed_weight, frame)  # the unobserved ring: weight 0
     extended = xp.pad(padded, frame)
-    estimate = xp.pad(xp.pad(start, frame, mode=mode), frame, mode="edge")
-    if has_nodata:
-        # No-data pixels start from the mean of the data instead of 0, from which RL cannot move.
-        fill = dtype(float(start[valid].mean()))
-        reach = xp.pad(xp.pad(valid.astype(data.dtype), frame, mode=mode), frame, mode="edge")
-        estimate = xp.where(reach > 0, estimate, fill)
-        del reach
+    estimate = xp.pad(xp.pad(first, frame, mode=mode), frame, mode="edge")
+    del first
     norm = operator.adjoint(weight)
     damped = settings.damping is not None
     watch_fit = settings.record or settings.stop == "noise" or settings.accelerate
@@ -807,6 +809,121 @@ def _grow(mask, xp):
     grown[:, 1:] |= rows[:, :-1]
     grown[:, :-1] |= rows[:, 1:]
     return grown
+
+
+def _nodata_start(start, valid, radius: tuple[int, int], xp):
+    """``start`` with each no-data pixel set to a mean of the data near it: where RL starts.
+
+    A no-data pixel within the PSF's ``radius`` + 1 of observed pixels takes the mean of the
+    observed pixels in the box of those half-sides centred on it (normalized convolution [1]_
+    with a box). These are all the no-data pixels whose start can reach the restored observed
+    pixels: through the blur (within ``radius`` of one) or TV's term at such a pixel (one
+    more); the others have no data behind them (norm ``H^T w`` 0) and keep their start. So the
+    pixels next to no-data restore from the data near them only, whatever the rest of the image
+    holds (a far bright object), and a tile, filled from its read window, starts them as the
+    whole image does: the same operations on the same pixels, within ``radius`` + 1 of each
+    (`gpudeconv.tiles`, "Halo"). Deeper pixels take the mean of the nearest coarser blocks
+    with data (`_coarse_fill`). Two box sums (`_box_sum`) and about one pass more, once per
+    restoration: on a 4096 x 4096 plane with a PSF of 25 pixels, 0.47 s on one core of the
+    development VM, about one RL iteration with one FFTW thread (0.45 s). ``start`` itself is
+    not changed.
+
+    References
+    ----------
+    .. [1] Knutsson, H. & Westin, C.-F. (1993), "Normalized and differential convolution:
+           methods for interpolation and filtering of incomplete and uncertain data", Proc.
+           IEEE CVPR, 515.
+    """
+    values = xp.where(valid, start, start.dtype.type(0))
+    half = (radius[0] + 1, radius[1] + 1)
+    count = _box_sum(valid, half, xp)
+    mean = _box_sum(values, half, xp) / xp.maximum(count, count.dtype.type(1))
+    known = valid | (count > 0)
+    del values, count
+    filled = xp.where(valid, start, mean.astype(start.dtype, copy=False))
+    del mean
+    if bool(known.all()):
+        return filled
+    return xp.where(known, filled, _coarse_fill(filled, known, xp))
+
+
+def _coarse_fill(filled, known, xp):
+    """Values for the pixels that are not ``known`` (a plane holds some) from coarser grids:
+    the mean of the known pixels in the 3 x 3 blocks of 2, 4, 8 ... pixels around each, from
+    the finest grid where those blocks hold any (a pixel ``d`` deep into the unknown takes
+    them from within about ``4 d``). The blocks lie on the plane's grid, so a tile's values
+    differ from the whole image's there; `_nodata_start` gives these pixels no part in the
+    restored observed pixels. Geometrically smaller planes: about one pass over the plane."""
+    sums = xp.where(known, filled, filled.dtype.type(0))
+    counts = known.astype(filled.dtype)
+    shapes, levels = [], []
+    while True:
+        shapes.append(sums.shape)
+        sums, counts = _halve(sums, xp), _halve(counts, xp)
+        near = _box_sum(counts, (1, 1), xp)
+        mean = _box_sum(sums, (1, 1), xp) / xp.maximum(near, near.dtype.type(1))
+        has = near > 0
+        levels.append((mean, has))
+        if bool(has.all()):
+            break
+    values = levels[-1][0]
+    for (mean, has), shape in zip(levels[-2::-1], shapes[-1:0:-1], strict=True):
+        values = xp.where(has, mean, _double(values, shape, xp))
+    return _double(values, shapes[0], xp)
+
+
+def _halve(plane, xp):
+    """The sums of ``plane``'s 2 x 2 blocks (a last odd row or column padded with 0)."""
+    rows, columns = plane.shape
+    plane = xp.pad(plane, ((0, rows % 2), (0, columns % 2)))
+    return plane.reshape(plane.shape[0] // 2, 2, plane.shape[1] // 2, 2).sum(axis=(1, 3))
+
+
+def _double(plane, shape, xp):
+    """Each pixel of ``plane`` as a 2 x 2 block, cut to ``shape``: `_halve`'s grid back."""
+    plane = xp.repeat(xp.repeat(plane, 2, axis=0), 2, axis=1)
+    return plane[: shape[0], : shape[1]]
+
+
+def _box_sum(image, half: tuple[int, int], xp):
+    """The sums of the non-negative 2-D ``image`` (values or a mask) over the boxes of
+    half-sides ``half`` = (rows, columns) centred on each pixel, 0 outside the image, in
+    ``image``'s float dtype (float32 for a mask).
+
+    Along each axis, a box of width ``2 h + 1`` is the sum of the window sums of its binary
+    digits' widths, built by doubling (``s_2w(i) = s_w(i) + s_w(i + w)``): about
+    ``2 log2(2 h + 1)`` additions of shifted planes, fast along either axis on both backends
+    (NumPy's cumulative sum down the columns was 10 times slower than a row-by-row addition),
+    no cancellation (the terms are non-negative) and the same operations on the same pixels
+    wherever the box lies: a tile's sums are the whole image's, bit for bit.
+    """
+    if image.dtype.kind != "f":
+        image = image.astype(np.float32)
+    for axis, h in enumerate(half):
+        n = image.shape[axis]
+        width = 2 * h + 1
+        line = (slice(None),) * axis  # the index up to ``axis``
+        frame = [(0, 0), (0, 0)]
+        frame[axis] = (h, h)
+        windows = xp.pad(image, frame)  # windows[i]: the sum of the padded line's [i, i + w)
+        boxes, offset, w = None, 0, 1
+        while True:
+            if width & w:
+                part = windows[line + (slice(offset, offset + n),)]
+                if boxes is None:
+                    boxes = part.copy()
+                else:
+                    boxes += part
+                offset += w
+            if 2 * w > width:
+                break
+            length = windows.shape[axis] - w
+            head = windows[line + (slice(0, length),)]
+            windows = head + windows[line + (slice(w, w + length),)]
+            w *= 2
+        del windows
+        image = boxes
+    return image
 
 
 def _saturation(observed, valid, saturation, backend: Backend) -> float | None:
