@@ -422,6 +422,36 @@ def test_rl_steps_refuse_bad_scalars_before_launching(fake, cupy_backend):
     assert fake.launches == []
 
 
+# ---------------------------------------------------------------------------- FFT convolution
+@pytest.mark.parametrize("into", [False, True], ids=["new", "out"])
+def test_fft_convolve_lets_cufft_overwrite_and_scales_in_the_window_copy(fake, monkeypatch, into):
+    # The spectrum is the convolution's own: cuFFT's C2R may destroy it (no defensive copy), and
+    # the inverse is left unscaled ('forward'), the window's copy scaling by 1 / N instead.
+    cp = fake.cupy
+    cupy_backend = gd.get_backend("cupy")
+    cupyx_fft = sys.modules["cupyx.scipy.fft"]
+    calls = []
+    inverse = cupyx_fft.irfft2
+
+    def recording(x, *args, **kwargs):
+        calls.append(kwargs)
+        return inverse(x, *args, **kwargs)
+
+    monkeypatch.setattr(cupyx_fft, "irfft2", recording)
+    image = star_field(SHAPE, seed=5, n_stars=10)
+    psf = gd.psf.moffat(3.0, size=11).astype(np.float32)
+    fft_shape = (70, 84)  # 61 + 5 and 75 + 5, then room: any shape past the PSF radius
+    cpu = NumPyBackend()
+    expected = cpu.fft_convolve(image, cpu.otf(psf, fft_shape), fft_shape)
+    otf = cupy_backend.otf(cp.asarray(psf), fft_shape)
+    out = cp.full(SHAPE, np.nan, dtype=np.float32) if into else None
+    result = cupy_backend.fft_convolve(cp.asarray(image), otf, fft_shape, out=out)
+    assert result is out if into else result.flags.c_contiguous
+    assert result.dtype == np.float32 and result.shape == SHAPE
+    np.testing.assert_allclose(result.get(), expected, rtol=1e-5, atol=1e-6 * expected.max())
+    assert calls == [{"s": fft_shape, "norm": "forward", "overwrite_x": True}]
+
+
 # ---------------------------------------------------------------------------- the whole restoration
 @pytest.mark.parametrize(
     ("shape", "psf_size", "method"),
