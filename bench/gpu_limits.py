@@ -293,6 +293,49 @@ def engine_shapes(sizes, psf_size: int) -> dict:
     return {str(size): list(backend.fft_shape((size + 5 * radius,) * 2)) for size in sizes}
 
 
+def next_smooth(n: int, primes: tuple[int, ...]) -> int:
+    """The least integer >= ``n`` whose prime factors are all in ``primes``."""
+    candidate = max(int(n), 1)
+    while True:
+        rest = candidate
+        for prime in primes:
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return candidate
+        candidate += 1
+
+
+#: The padded lengths worth timing against the engine's: cuFFT's fastest radices first.
+LENGTH_FAMILIES = {
+    "2-3-5-7 (the engine's next_fast_len)": (2, 3, 5, 7),
+    "2-3-5": (2, 3, 5),
+    "2-3": (2, 3),
+    "2": (2,),
+}
+
+
+def candidate_lengths(size: int, psf_size: int) -> dict[str, int]:
+    """For an image side, the least padded length of each family past the engine's padding
+    (``size + 5 r``, see :func:`engine_shapes`)."""
+    least = size + 5 * (psf_size // 2)
+    return {family: next_smooth(least, primes) for family, primes in LENGTH_FAMILIES.items()}
+
+
+def measure_lengths(cupy, sizes, psf_size: int, *, repeats: int) -> list[dict]:
+    """``rfft2 + irfft2`` time at each candidate padded length: which one cuFFT should get."""
+    rows = []
+    for size in sizes:
+        timed = {}
+        for family, length in candidate_lengths(size, psf_size).items():
+            if length not in timed:
+                timed[length] = measure_fft(cupy, length, repeats=repeats)["median_s"]
+                cupy.fft.config.get_plan_cache().clear()
+                cupy.get_default_memory_pool().free_all_blocks()
+            rows.append({"size": size, "family": family, "length": length, "pair_s": timed[length]})
+    return rows
+
+
 # ---------------------------------------------------------------------------- the run
 def measure(cupy, cupyx, options) -> dict:
     """Every figure of this module for the current device, as one JSON-ready dict."""
@@ -334,7 +377,11 @@ def measure(cupy, cupyx, options) -> dict:
         "fft": ffts,
         "rl_floor": floors,
         "engine_fft_shapes": engine_shapes(options.floor_sizes, options.psf_size),
+        "padded_lengths": measure_lengths(
+            cupy, options.floor_sizes, options.psf_size, repeats=options.repeats
+        ),
         "elementwise_passes": [list(p) for p in ELEMENTWISE_PASSES],
+        "psf_size": options.psf_size,
     }
 
 
@@ -412,6 +459,21 @@ def format_markdown(figures: dict, *, command: str, date: str) -> str:
             f"| {floor['size']}² | {_ms(floor['fft_s'])} ms | {_ms(floor['elementwise_s'])} ms | "
             f"{_ms(floor['seconds'])} ms | {floor['mpix_it_per_s']:.0f} | "
             f"{'x'.join(map(str, shape)) if shape else 'n/a'} |"
+        )
+    lines += [
+        "",
+        "## Which padded length cuFFT should get",
+        "",
+        f"`rfft2` + `irfft2` at the least length of each family past the engine's padding "
+        f"(image + 5 PSF radii, PSF side {figures['psf_size']}):",
+        "",
+        "| image | family | length | pair ms | per padded pixel, ns |",
+        "|---|---|---|---|---|",
+    ]
+    for row in figures["padded_lengths"]:
+        lines.append(
+            f"| {row['size']}² | {row['family']} | {row['length']} | {_ms(row['pair_s'])} | "
+            f"{row['pair_s'] / row['length'] ** 2 * 1e9:.3f} |"
         )
     return "\n".join(lines) + "\n"
 

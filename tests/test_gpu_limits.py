@@ -51,6 +51,14 @@ def test_floor_is_two_transform_pairs_and_48_bytes_a_pixel(limits):
     assert floor["mpix_it_per_s"] == pytest.approx(4096**2 / 1e6 / floor["seconds"])
 
 
+def test_candidate_lengths_are_the_least_of_each_family(limits):
+    # 4096 + 5 * 12 = 4156: 4200 = 2^3 3 5^2 7, 4320 = 2^5 3^3 5, 4374 = 2 3^7, 8192
+    assert limits.candidate_lengths(4096, 25) == dict(
+        zip(limits.LENGTH_FAMILIES, [4200, 4320, 4374, 8192], strict=True)
+    )
+    assert limits.next_smooth(1, (2,)) == 1 and limits.next_smooth(97, (2, 3)) == 108
+
+
 def test_fma_reference_follows_the_recurrence(limits):
     reference = limits.fma_reference(threads=3, rounds=2, scale=0.5, step=1.0)
     # thread t, chain k starts at (t + k) / 1000 and goes x -> 0.5 x + 1 twice
@@ -108,6 +116,10 @@ def test_measures_and_records_through_the_emulated_card(limits, fake, tmp_path, 
     assert stem.name.endswith("fake-cuda-device-cpu-emulation-limits")
     assert "The floor of one RL iteration" in markdown
     assert "| 64² |" in markdown and "125x125" in markdown
+    # 64 + 60 = 124: 125 (5^3), 125, 128 (2-3 smooth: 128), 128, each timed once
+    lengths = [(row["family"], row["length"]) for row in figures["padded_lengths"]]
+    assert lengths == list(zip(limits.LENGTH_FAMILIES, [125, 125, 128, 128], strict=True))
+    assert "## Which padded length cuFFT should get" in markdown
     assert markdown in capsys.readouterr().out
 
 
