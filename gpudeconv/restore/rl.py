@@ -370,7 +370,10 @@ def richardson_lucy(
         Gaussian part of the noise model instead of the estimate.
     regularization : float
         Total-variation strength :math:`\\lambda` (Dey et al. [5]_), 0 for none; 0.002 to 0.01
-        is typical. Smooths noise while keeping edges.
+        is typical. Smooths noise while keeping edges. A gradient under a tenth of the noise, or
+        under :math:`8 \\lambda u` at a pixel of value :math:`u`, counts as flat: below that
+        floor the explicit TV step would overshoot and grow a checkerboard on noise-free flat
+        areas (clipped cores, smooth high-SNR lunar detail).
     damping : float, optional
         White's damped RL [6]_: stop fitting where the model is within this many noise sigmas
         of the data (1 is typical); None for none.
