@@ -25,7 +25,13 @@ from helpers import star_field
 import gpudeconv as gd
 from gpudeconv import GpudeconvError, GpudeconvWarning, tiles
 from gpudeconv.backend._numpy import NumPyBackend
-from gpudeconv.io import ArrayTileReader, TileWriter, create_tile_output, open_tile_reader
+from gpudeconv.io import (
+    ArrayTileReader,
+    ArrayTileWriter,
+    TileWriter,
+    create_tile_output,
+    open_tile_reader,
+)
 
 PSF = gd.psf.moffat(3.5)  # 25 x 25
 
@@ -237,8 +243,9 @@ def test_fits_in_fits_out(cpu, tmp_path):
     assert "128 px, halo" in history
     wedge = np.isnan(image)
     np.testing.assert_array_equal(np.isnan(data), wedge)  # NaN kept, none inside
-    # near the wedge each tile starts its no-data pixels from its own mean: still tiny
-    assert np.abs(data[~wedge] - whole[~wedge]).max() <= 1e-3 * image_range(image)
+    # next to the wedge too (no-data pixels start from the data near them, as in the whole
+    # image): measured 4.5e-6 of the range (4.7e-5 when each tile started them from its mean)
+    assert np.abs(data[~wedge] - whole[~wedge]).max() <= 1e-4 * image_range(image)
 
 
 def test_scaled_integer_fits_is_read_in_physical_units(cpu, tmp_path):
@@ -290,7 +297,7 @@ def test_a_colour_cube_tiles_with_all_its_channels(cpu, tmp_path, fmt, monkeypat
     assert data.shape == cube.shape
     np.testing.assert_array_equal(np.isnan(data), np.isnan(cube))
     valid = ~np.isnan(cube)
-    assert np.abs(data[valid] - whole[valid]).max() <= 1e-3 * image_range(cube)
+    assert np.abs(data[valid] - whole[valid]).max() <= 1e-4 * image_range(cube)  # 1.9e-6
 
 
 def test_compressed_tiff_needs_zarr(cpu, tmp_path, monkeypatch):
@@ -326,6 +333,34 @@ def test_tiles_without_data_are_skipped(cpu, tmp_path):
     assert (report.tiles_done, report.tiles_skipped) == (8, 1)
     data = fits.getdata(tmp_path / "out.fits")
     np.testing.assert_array_equal(np.isnan(data), np.isnan(image))
+    # windows mostly no-data restore as the whole image does: measured 9e-7 of the range
+    whole = gd.richardson_lucy(image, PSF, 3, backend=cpu)
+    valid = ~np.isnan(image)
+    assert np.abs(data[valid] - whole[valid]).max() <= 1e-4 * image_range(image)
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_tiles_match_the_whole_image_next_to_no_data(cpu, iterations):
+    # A no-data pixel starts from the data within the PSF radius + 1 of it (rl._nodata_start),
+    # in a tile as in the whole image: tiles of 64 cut through the wedge agree with it there
+    # as far from it, from one iteration on, whose halo (2 r) is the shortest. Measured: 1.9e-6
+    # and 1e-6 of the range (2.1e-3 and 3.1e-4 when each tile started them from its mean).
+    image = nan_wedge(star_field((300, 410), seed=2, n_stars=120))
+    plan = tiles.plan_tiles(image.shape, psf_size=25, iterations=iterations, tile=64)
+    assert plan.halo == 24 * iterations
+    tiled = np.empty(image.shape, np.float32)
+    tiles.restore_tiled(
+        ArrayTileReader(image),
+        ArrayTileWriter(tiled),
+        PSF,
+        iterations,
+        backend=cpu,
+        plan=plan,
+        progress=False,
+    )
+    whole = gd.richardson_lucy(image, PSF, iterations, backend=cpu)
+    np.testing.assert_array_equal(np.isnan(tiled), np.isnan(image))
+    assert np.nanmax(np.abs(tiled - whole)) <= 1e-4 * image_range(image)
 
 
 @pytest.mark.parametrize(

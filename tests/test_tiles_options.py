@@ -23,9 +23,6 @@ from gpudeconv.restore.noise import BOX, NoiseModel, estimate_noise, saturation_
 from gpudeconv.synthetic import make_scene
 
 ITERATIONS = 10
-#: Away from the NaN border by this much, tiles agree with the whole image to float32 rounding;
-#: nearer, each tile starts its no-data pixels from the mean of its own data (`_restore_plane`).
-BORDER = 52
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +103,10 @@ def test_tiles_with_options_match_the_whole_image(cpu, scene, options, sky_subtr
     whole = gd.richardson_lucy(image, scene.psf, ITERATIONS, backend=cpu, **resolved)
     span = image_range(image)
     np.testing.assert_array_equal(np.isnan(tiled), np.isnan(image))
-    inner = (slice(BORDER, -BORDER),) * 2
-    # measured (the largest difference over the range): 5e-6 inside for noise, damped and
-    # dering, 3e-5 with saturation masks, 5e-5 with TV; 7e-4 to 1.2e-3 next to the NaN border
-    assert np.nanmax(np.abs(tiled - whole)[inner]) <= 1e-4 * span
-    assert np.nanmax(np.abs(tiled - whole)) <= 2e-3 * span
+    # measured (the largest difference over the range): 5.5e-6 to 5.6e-6, 9.6e-6 with TV,
+    # next to the NaN border too, whose pixels start from the data near them in a tile as in
+    # the whole image (7e-4 to 1.2e-3 there when each tile started them from its mean)
+    assert np.nanmax(np.abs(tiled - whole)) <= 1e-4 * span
     # the option did act: plain RL of the same data is far from it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GpudeconvWarning)  # sky-subtracted: a pedestal
@@ -127,8 +123,7 @@ def test_deringing_one_iteration_keeps_its_floor_within_the_halo(cpu, scene):
     options = {"noise": "auto", "dering": 1.0}
     tiled, report = restore_in_tiles(image, scene.psf, options, cpu, tile=128, iterations=1)
     whole = gd.richardson_lucy(image, scene.psf, 1, backend=cpu, noise=report.noise[0], dering=1)
-    inner = (slice(BORDER, -BORDER),) * 2
-    assert np.nanmax(np.abs(tiled - whole)[inner]) <= 1e-5 * image_range(image)
+    assert np.nanmax(np.abs(tiled - whole)) <= 1e-5 * image_range(image)  # 5e-7
 
 
 def clipped_disc(scene, radius=160):
@@ -142,6 +137,27 @@ def clipped_disc(scene, radius=160):
     disc = np.where((y - 240) ** 2 + (x - 240) ** 2 < radius**2, 20000.0, 0.0)
     image += signal.oaconvolve(disc, scene.psf, mode="same")
     return np.minimum(image, 3000.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("options", [{}, {"noise": "auto", "saturation": "auto"}])
+def test_a_far_clipped_disc_leaves_the_tiles_next_to_no_data_as_the_whole_image(
+    cpu, scene, options
+):
+    # A clipped disc 200 px from the scene's NaN border raised the mean of the data, from which
+    # the whole image started its no-data pixels, and not that of the tiles far from it: they
+    # differed by 1.3e-2 of the range next to the border. Now every no-data pixel starts from
+    # the data near it, in a tile as in the whole image: measured 6.6e-6 and 8e-6.
+    from scipy import signal
+
+    y, x = np.mgrid[: scene.observed.shape[0], : scene.observed.shape[1]]
+    disc = np.where((y - 312) ** 2 + (x - 350) ** 2 < 100**2, 20000.0, 0.0)
+    image = np.minimum(scene.observed + signal.oaconvolve(disc, scene.psf, mode="same"), 3000.0)
+    image = image.astype(np.float32)  # NaN where the scene has no data
+    tiled, report = restore_in_tiles(image, scene.psf, options, cpu)
+    resolved = {**options, "noise": report.noise[0], "saturation": report.saturation[0]}
+    whole = gd.richardson_lucy(image, scene.psf, ITERATIONS, backend=cpu, **resolved)
+    np.testing.assert_array_equal(np.isnan(tiled), np.isnan(scene.observed))
+    assert np.nanmax(np.abs(tiled - whole)) <= 1e-4 * image_range(image)
 
 
 @pytest.mark.parametrize(
@@ -282,8 +298,7 @@ def test_deconvolve_streams_with_the_methods_options(tmp_path, scene):
     for method in ("rl-tv", "damped"):
         in_memory = gd.deconvolve(image, psf, method=method, iterations=5)
         streamed = gd.deconvolve(path, psf, method=method, iterations=5, tile=96)
-        inner = (slice(BORDER, -BORDER),) * 2
-        assert np.nanmax(np.abs(streamed - in_memory)[inner]) <= 1e-4 * image_range(image)
+        assert np.nanmax(np.abs(streamed - in_memory)) <= 1e-4 * image_range(image)  # 2e-6
     with pytest.raises(GpudeconvError, match=r"^method 'wiener' cannot be used when restoring"):
         gd.deconvolve(path, psf, method="wiener", tile=96)
     with pytest.raises(GpudeconvError, match=r"^accelerate=True cannot be used in tiles"):
