@@ -487,6 +487,26 @@ def test_richardson_lucy_matches_numpy(fake, shape, psf_size, method):
     assert len(fake.raw_modules) == 1 and "#define IDX int\n" in fake.raw_modules[0].code
 
 
+def test_nodata_start_on_device_arrays_is_numpys(fake):
+    """The start of no-data pixels (`rl._nodata_start`: box sums by doubling, coarser blocks
+    for the pixels deep in a half-unobserved plane) with CuPy's array functions on device
+    arrays: NumPy's, bit for bit, and the restoration that starts from it NumPy's too."""
+    cp = fake.cupy
+    image = star_field((120, 150), seed=22, n_stars=40)
+    image[:, :70] = np.nan  # 70 px deep: the coarse blocks fill most of it
+    image[100:, 120:] = np.nan
+    valid = np.isfinite(image)
+    expected = rl._nodata_start(image, valid, (4, 5), np)
+    start = rl._nodata_start(cp.asarray(image), cp.asarray(valid), (4, 5), cp)
+    assert is_cupy_array(start) and start.dtype == np.float32
+    np.testing.assert_array_equal(start.get(), expected)
+    psf = gd.psf.gaussian(2.0, size=9)
+    expected = gd.richardson_lucy(image, psf, 3, backend="numpy")
+    result = gd.richardson_lucy(cp.asarray(image), psf, 3, backend="cupy").get()
+    np.testing.assert_array_equal(np.isnan(result), ~valid)
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-6 * np.nanmax(expected))
+
+
 # ---------------------------------------------------------------------- every option, end to end
 #: The star field's own blur (tests/helpers.py: a Gaussian of 3 px FWHM).
 FIELD_PSF = gd.psf.gaussian(3.0, size=13)
