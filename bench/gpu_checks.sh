@@ -146,8 +146,8 @@ with tempfile.TemporaryDirectory() as folder:
 started = time.perf_counter()
 whole = backend.to_host(gd.richardson_lucy(backend.asarray(image), psf, iterations, backend=backend))
 whole_s = time.perf_counter() - started
-# Away from the no-data corner tiles and whole agree to rounding; next to it each tile fills its
-# no-data pixels from its own mean (bench/README.md: up to ~1e-3 of the range).
+# Tiles and whole agree to rounding everywhere, next to the no-data corner too (no-data pixels
+# start from the data near them, in a tile as in the whole image); both figures are reported.
 observed = np.isfinite(whole)
 near_nan = scipy.ndimage.binary_dilation(~observed, iterations=64)
 span = float(np.nanmax(whole) - np.nanmin(whole))
@@ -160,7 +160,7 @@ print(f"streamed {streamed_s:.2f} s = {mpix_it / streamed_s:.1f} MPix·it/s (FIT
 print(f"whole    {whole_s:.2f} s = {mpix_it / whole_s:.1f} MPix·it/s (host in, host out)")
 print(f"largest difference of the range: {far:.2e} (over 64 px from no-data), {near:.2e} (within)")
 print(f"NaN where the input has none or the reverse: {not same_nan}")
-sys.exit(0 if far < 1e-4 and near < 3e-3 and same_nan else 1)
+sys.exit(0 if far < 1e-4 and near < 1e-4 and same_nan else 1)
 PY
 
 # GPU cases only (the CPU ones are the development machine's to measure)
