@@ -684,6 +684,12 @@ def _restore_plane(
         first = _nodata_start(start, valid, operator.radius, xp)
     else:
         first = start
+    # Deringing's envelope is of the data; no-data pixels lend it their start (plus the sky the
+    # start leaves out), not the 0 they have in `data`, which would pull the envelope, a local
+    # minimum, to 0 within a PSF of every no-data border and leave the rings there unheld.
+    enveloped = data
+    if has_nodata and settings.dering > 0:
+        enveloped = xp.where(valid, data, first + dtype(shift))
 
     ry, rx = operator.radius
     frame = ((ry, ry), (rx, rx))
@@ -722,8 +728,11 @@ def _restore_plane(
         sigma = model.sigma / scale if model is not None else _rough_sigma(start, xp)
     envelope = None
     if settings.dering > 0:
-        envelope = _dering_floor(padded, operator, shift, settings.dering, sigma, backend)
+        source = padded if enveloped is data else xp.pad(enveloped, frame, mode=mode)
+        envelope = _dering_floor(source, operator, shift, settings.dering, sigma, backend)
+        del source
         envelope = xp.pad(envelope, frame)  # nothing to hold up in the unobserved ring
+    del enveloped
     tv_norm = xp.empty_like(estimate) if settings.regularization > 0 else None
     # TV's gradient scale: below a tenth of the noise a gradient counts as flat.
     epsilon = 0.1 * sigma if sigma is not None else None
