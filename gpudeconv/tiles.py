@@ -861,7 +861,7 @@ def _normalizations(sample: _NoiseSample, low) -> tuple:
     .normalize` measures them (median, ``NOISE_UNITS`` robust noise sigmas), on the noise
     model's sample of the whole image: one for all the tiles. None for a channel without
     data."""
-    from .learned.infer import _normalization
+    from .learned.infer import _check_deep_sky, _normalization
 
     result = []
     for channel, plane in enumerate(sample.planes):
@@ -883,6 +883,9 @@ def _normalizations(sample: _NoiseSample, low) -> tuple:
                 "synthetic data"
             )
             raise GpudeconvError(msg)
+        # the windows are restored with this normalization and do not check on their own: a
+        # window over a bright galaxy is not planetary data when the mosaic is not
+        _check_deep_sky((plane - offset) / scale, valid)
         result.append((offset, scale))
     return tuple(result)
 

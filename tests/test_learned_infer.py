@@ -326,6 +326,47 @@ def test_streamed_tiles_match_the_whole_image_with_one_normalization(tmp_path):
     assert "learned" in history and "normalization offset" in history
 
 
+def _streamed_warnings(image, tmp_path, name):
+    from astropy.io import fits
+
+    from gpudeconv.tiles import deconvolve_file
+
+    source = tmp_path / f"{name}.fits"
+    fits.PrimaryHDU(image).writeto(source)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        deconvolve_file(
+            source,
+            tmp_path / f"{name}-restored.fits",
+            PSF,
+            1,
+            tile=128,
+            progress=False,
+            method="learned",
+            backend="numpy",
+        )
+    return [str(w.message) for w in got if "trained on deep-sky data only" in str(w.message)]
+
+
+def test_the_deep_sky_check_of_a_streamed_mosaic_is_the_whole_images(tmp_path):
+    # A bright disc (3 % of the mosaic, 20000 ADU over a 200 ADU sky) fills ~15 % of the one
+    # tile window around it: each window checked on its own warned there, where the whole image
+    # (and an in-memory run) does not. The check is made once, on the mosaic's sample.
+    rng = np.random.default_rng(2)
+    image = star_field((400, 400), seed=4, sky=200.0)
+    y, x = np.mgrid[:400, :400]
+    image[np.hypot(y - 60, x - 60) < 40] += 20000.0
+    image = (image + rng.normal(0, 2, image.shape)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learned_deconvolve(image, PSF, weights=load_weights())
+    assert _streamed_warnings(image, tmp_path, "disc") == []
+    # a planetary frame still warns, once for the mosaic rather than once a tile
+    planet = np.where(np.hypot(y - 200, x - 190) < 150, 20000.0, 0.0) + 100.0
+    planet = (planet + rng.normal(0, 5, planet.shape)).astype(np.float32)
+    assert len(_streamed_warnings(planet, tmp_path, "planet")) == 1
+
+
 def test_out_of_memory_halves_the_tile_to_a_multiple_of_4(weights, tmp_path, monkeypatch):
     """A tile of 132 (a multiple of 4, not of 8) that runs out of memory goes on at 64, not 66:
     every window still starts on a multiple of 4 and reaches the network whole, its halo

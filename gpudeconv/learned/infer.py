@@ -120,7 +120,9 @@ def learned_deconvolve(
     normalization : (offset, scale) or sequence of them (one per channel), optional
         The normalization to use instead of the one measured on each plane: a mosaic
         restored in parts (`gpudeconv.tiles.deconvolve_file`) gives every part the one
-        measured on the whole image, so that the parts agree.
+        measured on the whole image, so that the parts agree. Its check for data unlike
+        the training's (planetary, lunar) is then the caller's, on the whole image: a part
+        over a bright object is not such data.
 
     Returns
     -------
@@ -406,7 +408,8 @@ def _restore_plane(
             "its scale in noise sigmas; use --method rl for noiseless or synthetic data"
         )
         raise GpudeconvError(msg)
-    _check_deep_sky((host - offset) / scale, valid)
+    if normalization is None:  # else a part of a mosaic: the caller checks the whole once
+        _check_deep_sky((host - offset) / scale, valid)
 
     has_nodata = not valid.all()
     finite = backend.asarray(valid) if has_nodata else None
