@@ -374,7 +374,7 @@ def _file_psf(path: str, channels: int | None, image_shape) -> tuple[object, str
 def _output_dtype(output_path: Path, input_dtype: np.dtype, result_dtype: np.dtype):
     """Integer inputs keep their bit depth in TIFF/PNG/JPEG outputs; FITS outputs are float."""
     suffix = output_path.suffix.lower()
-    if input_dtype.kind in "ui" and suffix not in (".fits", ".fit", ".fts"):
+    if input_dtype.kind in "ui" and not output_path.name.lower().endswith(_FITS_NAMES):
         return input_dtype
     if suffix in _INTEGER_ONLY:
         msg = (
@@ -402,8 +402,16 @@ def _validate_psf_options(args) -> None:
             )
             raise GpudeconvError(msg)
     elif args.psf is not None:
-        if args.psf_model or args.psf_beta is not None:
-            msg = "--psf-model/--psf-beta describe a model PSF; they cannot go with --psf FILE"
+        if (
+            args.psf_model
+            or args.psf_beta is not None
+            or args.psf_ratio != 1.0
+            or args.psf_angle != 0.0
+        ):
+            msg = (
+                "--psf-model/--psf-beta/--psf-ratio/--psf-angle describe a model PSF; they "
+                "cannot go with --psf FILE, whose shape is the file's: drop them"
+            )
             raise GpudeconvError(msg)
     elif args.psf_model == "empirical":
         msg = "--psf-model empirical is measured on the stars: use it with --psf auto"

@@ -522,3 +522,34 @@ def test_wide_images_that_fit_in_memory_are_not_streamed(tmp_path, capsys):
         )
         assert code == 0, err
     assert tifffile.imread(tmp_path / "out.tif").dtype == np.uint16
+
+
+def test_psf_file_refuses_model_shape_flags(observed, tmp_path, capsys):
+    # --psf-ratio/--psf-angle describe a model PSF: with a PSF file they were silently ignored.
+    psf_path = write_fits(tmp_path / "psf.fits", gd.psf.moffat(3.0))
+    for flags in (["--psf-ratio", "0.5"], ["--psf-angle", "30"]):
+        out = tmp_path / "o.fits"
+        code, _, err = run(
+            ["deconvolve", observed, "-o", out, "--psf", psf_path, "--quiet", *flags], capsys
+        )
+        assert_one_line_error(code, err, "cannot go with --psf FILE")
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["sharp.fits.gz", "sharp.fit.gz", "sharp.FITS"])
+def test_integer_input_gives_float_fits_output_also_compressed(tmp_path, capsys, name):
+    # A .fits.gz output of a 16-bit input was written as uint16, clipped below 0 with a
+    # warning, although FITS outputs are float32.
+    import tifffile
+
+    source = tmp_path / "frame.tif"
+    tifffile.imwrite(source, np.clip(star_field(shape=(64, 72), seed=5), 0, None).astype("u2"))
+    out = tmp_path / name
+    code, _, err = run(
+        ["deconvolve", source, "-o", out, "--psf-fwhm", "2.5", "--quiet", "--iterations", "3"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "clipped" not in err
+    data, _ = gd.read_image(out)
+    assert data.dtype == np.float32
