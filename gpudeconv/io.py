@@ -1389,9 +1389,10 @@ def tile_output_format(path: str | os.PathLike) -> str:
     path = Path(path)
     fmt = _validate_extension(path)
     if fmt not in TILE_OUTPUT_FORMATS or path.name.lower().endswith(".gz"):
+        what = f"gzip-compressed {fmt}" if fmt in TILE_OUTPUT_FORMATS else fmt
         msg = (
-            f"a tile-by-tile output is written in place, which {path.name} (compressed or "
-            f"{fmt}) does not allow: write .fits or .tif, then convert"
+            f"a tile-by-tile output is written in place, which {path.name} ({what}) does not "
+            "allow: write .fits or .tif, then convert"
         )
         raise GpudeconvError(msg)
     return fmt

@@ -656,3 +656,15 @@ def test_supported_extensions_listed():
         "read_image",
         "write_image",
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "says"), [("out.fits.gz", "gzip-compressed FITS"), ("out.png", "(PNG)")]
+)
+def test_tile_output_refusal_names_the_format(tmp_path, name, says):
+    from gpudeconv.io import tile_output_format
+
+    with pytest.raises(GpudeconvError) as error:
+        tile_output_format(tmp_path / name)
+    message = str(error.value)
+    assert says in message and "compressed or" not in message and "\n" not in message
