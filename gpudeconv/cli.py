@@ -23,6 +23,7 @@ from ._version import __version__
 __all__ = ["main"]
 
 USER_ERROR = 2
+DEFAULT_ITERATIONS = 30  # --iterations when not given (the RL methods only)
 _INTEGER_ONLY = (".png", ".jpg", ".jpeg")  # formats that hold no floating-point pixels
 _FITS_NAMES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz")  # PSFs are saved as FITS
 
@@ -111,7 +112,13 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--psf-angle", type=float, default=0.0, metavar="A", help="major axis angle, degrees"
     )
-    run.add_argument("--iterations", type=_positive_int, default=30, metavar="N")
+    run.add_argument(
+        "--iterations",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"Richardson-Lucy iterations (default {DEFAULT_ITERATIONS})",
+    )
     run.add_argument("--backend", default=None, metavar="{auto,numpy,cupy}")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -426,6 +433,8 @@ def _deconvolve(args) -> int:
     _validate_psf_options(args)
     _validate_tile_options(args)
     _validate_method_options(args)
+    if args.iterations is None:
+        args.iterations = DEFAULT_ITERATIONS
     auto = args.psf == "auto"
     backend = get_backend(args.backend)
     _check_output(input_path, output_path, args.overwrite)
@@ -466,9 +475,14 @@ def _deconvolve(args) -> int:
         if estimate is not None:
             _save_psf(estimate, psf_path, input_path, overwrite=args.overwrite)
         if not args.quiet:
+            how = (
+                _ONE_STEP[args.method]
+                if args.method in _ONE_STEP
+                else f"{args.iterations} iterations"
+            )
             print(
                 f"gpudeconv: wrote {output_path} ({report.tiles_done} of {report.tiles_total} "
-                f"tiles of {report.tile} + halo {report.halo}, {args.iterations} iterations on "
+                f"tiles of {report.tile} + halo {report.halo}, {how} on "
                 f"{report.backend}, {report.seconds:.1f} s, {report.mpix_it_per_s:.1f} MPix*it/s)",
                 file=sys.stderr,
             )
@@ -571,14 +585,20 @@ def _validate_method_options(args) -> None:
     """RL-only flags with ``--method wiener`` or ``learned``, and a strength without a
     regularized method."""
     if args.method in ("wiener", "learned"):
+        # --saturation auto and --noise auto are the defaults: only a change is refused.
         given = [
             flag
             for flag, value in (
+                ("--iterations", args.iterations is not None),
                 ("--accelerate", args.accelerate),
                 ("--stop", args.stop is not None),
                 ("--dering", bool(args.dering)),
                 ("--regularization", args.regularization is not None),
                 ("--luminance", args.luminance),
+                ("--saturation", args.saturation != "auto"),
+                ("--noise", args.noise != "auto"),
+                ("--read-noise", args.read_noise is not None),
+                ("--gain", args.gain is not None),
             )
             if value
         ]

@@ -246,6 +246,8 @@ def test_learned_method_streams_with_tile(frame, tmp_path, capsys, learned_weigh
     [
         (["--accelerate", "--luminance"], "--accelerate, --luminance act on Richardson-Lucy"),
         (["--regularization", "0.1"], "--method learned is one network step"),
+        (["--iterations", "50"], "--iterations act on Richardson-Lucy"),
+        (["--saturation", "1000", "--noise", "none"], "--saturation, --noise act on"),
         (["--psf-fwhm", "20"], "use --method rl"),  # beyond twice the trained 8.05 px
     ],
 )
@@ -264,3 +266,39 @@ def test_learned_api_refuses_streaming_and_rl_options(frame, learned_weights):
         gd.deconvolve(image, PSF, method="learned", accelerate=True)
     with pytest.raises(gd.GpudeconvError, match="method 'learned' takes none"):
         gd.deconvolve(image, PSF, method="learned", regularization=0.1)
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        (["--iterations", "50"], "--iterations act on Richardson-Lucy"),
+        (["--saturation", "none"], "--saturation act on Richardson-Lucy"),
+        (["--noise", "none"], "--noise act on Richardson-Lucy"),
+        (["--read-noise", "3", "--gain", "1"], "--read-noise, --gain act on Richardson-Lucy"),
+    ],
+)
+def test_wiener_refuses_the_rl_options_it_would_ignore(frame, tmp_path, capsys, flags, match):
+    # These were accepted and silently ignored by the one-step Wiener filter.
+    out = tmp_path / "out.fits"
+    code, _, err = run(command(frame, out, "--method", "wiener", "--quiet", *flags), capsys)
+    assert_one_line_error(code, err, match)
+    assert not out.exists()
+
+
+def test_default_iterations_and_saturation_go_with_wiener(frame, tmp_path, capsys):
+    out = tmp_path / "out.fits"
+    argv = command(frame, out, "--method", "wiener", "--saturation", "auto", "--noise", "auto")
+    code, _, err = run([*argv, "--quiet"], capsys)
+    assert code == 0, err
+    plain = tmp_path / "plain.fits"
+    code, _, err = run(command(frame, plain, "--quiet"), capsys)
+    assert code == 0, err
+    assert "30 iterations" in history_of(plain)
+
+
+def test_tiled_learned_run_says_it_ran_the_network(frame, tmp_path, capsys, learned_weights):
+    out = tmp_path / "tiled.fits"
+    code, _, err = run(command(frame, out, "--method", "learned", "--tile", "128"), capsys)
+    assert code == 0, err
+    line = err.strip().splitlines()[-1]
+    assert "learned network on" in line and "iterations" not in line, line
