@@ -392,6 +392,39 @@ def _output_dtype(output_path: Path, input_dtype: np.dtype, result_dtype: np.dty
     return result_dtype
 
 
+def _check_output_layout(output_path: Path, shape, dtype: np.dtype) -> None:
+    """Refuse, before restoring, what PNG and JPEG cannot hold: other channel counts than grey
+    or RGB, 16-bit JPEG, 16-bit colour PNG, integers wider than 16 bits."""
+    suffix = output_path.suffix.lower()
+    if suffix not in _INTEGER_ONLY:
+        return
+    name = "PNG" if suffix == ".png" else "JPEG"
+    channels = shape[0] if len(shape) == 3 else 1
+    if channels not in (1, 3):
+        msg = (
+            f"{name} holds grey or RGB images and the input has {channels} channels: write the "
+            "output as .tif or .fits"
+        )
+        raise GpudeconvError(msg)
+    dtype = np.dtype(dtype)
+    if dtype == np.uint8:
+        return
+    if name == "PNG" and dtype == np.uint16:
+        if channels == 1:
+            return
+        msg = (
+            "16-bit colour cannot be written as PNG (Pillow has no 16-bit RGB mode): write the "
+            "output as .tif or .fits to keep the 16 bits"
+        )
+        raise GpudeconvError(msg)
+    holds = "8-bit" if name == "JPEG" else "8 or 16-bit unsigned"
+    msg = (
+        f"{name} holds {holds} pixels and the input's are {dtype}: write the output as .tif or "
+        ".fits to keep them"
+    )
+    raise GpudeconvError(msg)
+
+
 def _validate_psf_options(args) -> None:
     """Refuse PSF options that do not go together, before any work."""
     auto = args.psf == "auto"
@@ -490,6 +523,7 @@ def _deconvolve(args) -> int:
 
     image, header = read_image(input_path)
     out_dtype = _output_dtype(output_path, image.dtype, backend.float_dtype(image.dtype))
+    _check_output_layout(output_path, image.shape, out_dtype)  # before the long work
     start = time.perf_counter()
     restored, info, history = _restore(args, image, header, kernel, backend)
     elapsed = time.perf_counter() - start

@@ -553,3 +553,34 @@ def test_integer_input_gives_float_fits_output_also_compressed(tmp_path, capsys,
     assert "clipped" not in err
     data, _ = gd.read_image(out)
     assert data.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("dtype", "channels", "name", "match"),
+    [
+        ("u2", 1, "o.jpg", "JPEG holds 8-bit pixels and the input's are uint16"),
+        ("u2", 3, "o.png", "16-bit colour cannot be written as PNG"),
+        ("u1", 5, "o.png", "PNG holds grey or RGB images and the input has 5 channels"),
+        ("i2", 1, "o.png", "the input's are int16: write the output as .tif or .fits"),
+    ],
+)
+def test_png_jpeg_outputs_they_cannot_hold_are_refused_before_restoring(
+    tmp_path, capsys, monkeypatch, dtype, channels, name, match
+):
+    # These were refused by the writer only after the whole restoration, with Python advice
+    # (dtype='uint8') or none.
+    import gpudeconv.cli as cli
+
+    def no_restore(*args, **kwargs):
+        raise AssertionError("restored before refusing the output")
+
+    monkeypatch.setattr(cli, "_restore", no_restore)
+    field = np.clip(star_field(shape=(48, 56), seed=9), 0, 200)
+    data = np.stack([field] * channels) if channels > 1 else field
+    source = write_fits(tmp_path / "in.fits", data.astype(dtype))
+    assert gd.read_image(source)[0].dtype == np.dtype(dtype)
+    out = tmp_path / name
+    argv = ["deconvolve", source, "-o", out, "--psf-fwhm", "2.5", "--quiet", "--backend", "numpy"]
+    code, _, err = run(argv, capsys)
+    assert_one_line_error(code, err, match)
+    assert not out.exists()
