@@ -368,6 +368,10 @@ def _file_psf(path: str, channels: int | None, image_shape) -> tuple[object, str
     from .io import read_image
     from .psf import PSFField, validate_psf
 
+    if not Path(path).is_file():
+        what = "is a folder" if Path(path).is_dir() else "does not exist"
+        msg = f"PSF file {path} {what}: check the --psf path (or give --psf-fwhm or --psf auto)"
+        raise GpudeconvError(msg)
     if PSFField.is_field_file(path):
         field = PSFField.load(path)
         field.check_image_shape(image_shape, name=f"the PSF field {path}")
@@ -469,7 +473,10 @@ def _deconvolve(args) -> int:
     if args.iterations is None:
         args.iterations = DEFAULT_ITERATIONS
     auto = args.psf == "auto"
-    backend = get_backend(args.backend)
+    # A named backend is checked at once; 'auto' is resolved once the paths, the image and
+    # the PSF have passed their checks, so that a user error on a machine without a GPU is
+    # not preceded by the note on why the CPU is used.
+    backend = None if _requested_backend(args.backend) == "auto" else get_backend(args.backend)
     _check_output(input_path, output_path, args.overwrite)
     psf_path = _beside(output_path, "_psf.fits") if auto else None
     if psf_path is not None:
@@ -479,7 +486,9 @@ def _deconvolve(args) -> int:
         _check_text_output(input_path, report_path, args.overwrite)
     _check_distinct(output_path, psf_path, report_path)
     # The shape, without reading the pixels: a mosaic may not fit in memory.
-    shape = _image_shape(input_path)
+    shape, dtype = _image_layout(input_path)
+    # What the output format cannot hold is refused now, before any work.
+    _check_output_layout(output_path, shape, _output_dtype(output_path, dtype, np.float32))
     channels = shape[0] if len(shape) == 3 else None
     estimate = None
     if auto:
@@ -503,6 +512,8 @@ def _deconvolve(args) -> int:
     else:
         kernel, psf_text = _model_psf(args)
 
+    if backend is None:
+        backend = get_backend(args.backend)
     if _streams(args, shape, kernel, backend):
         report = _deconvolve_tiled(args, input_path, output_path, kernel, psf_text, backend)
         if estimate is not None:
@@ -557,6 +568,15 @@ def _deconvolve(args) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _requested_backend(name: str | None) -> str:
+    """The backend name asked for by --backend, else GPUDECONV_BACKEND, else 'auto'."""
+    from .backend import ENV_VAR
+
+    if name is None:
+        name = os.environ.get(ENV_VAR, "").strip() or "auto"
+    return str(name).strip().lower()
 
 
 #: How the methods without iterations say what they did.
@@ -739,17 +759,19 @@ def _validate_tile_options(args) -> None:
         raise GpudeconvError(msg)
 
 
-def _image_shape(path: Path) -> tuple[int, ...]:
-    """The input's shape from its header where the tile reader can, else by reading it."""
+def _image_layout(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The input's shape and dtype from its header where the tile reader can, else by reading
+    it."""
     from .io import open_tile_reader, read_image
 
     try:
         reader = open_tile_reader(path)
     except GpudeconvError:  # e.g. a compressed TIFF without zarr: fine in memory
-        return tuple(read_image(path)[0].shape)
-    shape = tuple(reader.shape)
+        data = read_image(path)[0]
+        return tuple(data.shape), data.dtype
+    shape, dtype = tuple(reader.shape), np.dtype(reader.dtype)
     reader.close()
-    return shape
+    return shape, dtype
 
 
 def _streams(args, shape, kernel, backend) -> bool:

@@ -584,3 +584,26 @@ def test_png_jpeg_outputs_they_cannot_hold_are_refused_before_restoring(
     code, _, err = run(argv, capsys)
     assert_one_line_error(code, err, match)
     assert not out.exists()
+
+
+def test_user_errors_on_a_cpu_machine_are_one_line(observed, tmp_path, capsys, monkeypatch):
+    # With --backend auto and no GPU, the note on why the CPU is used came before the error,
+    # so every user error past the arguments was two lines.
+    import gpudeconv.backend as backend_module
+
+    monkeypatch.setattr(backend_module, "_said_why", False)
+    monkeypatch.setattr(backend_module, "_cupy_status", lambda: (False, "no GPU in this test"))
+    monkeypatch.delenv("GPUDECONV_BACKEND", raising=False)
+    out = tmp_path / "o.fits"
+    cases = [
+        (["--psf", tmp_path / "nopsf.fits"], "PSF file"),
+        (["--psf", tmp_path], "is a folder: check the --psf path"),
+        (["--psf-fwhm", "3", "--psf-ratio", "2"], "ratio"),
+    ]
+    for flags, match in cases:
+        code, _, err = run(["deconvolve", observed, "-o", out, "--quiet", *flags], capsys)
+        assert_one_line_error(code, err, match)
+    code, _, err = run(["deconvolve", tmp_path / "none.fits", "-o", out, "--psf-fwhm", "3"], capsys)
+    assert_one_line_error(code, err, "does not exist")
+    code, _, err = run(["deconvolve", observed, "-o", out, "--psf-fwhm", "3"], capsys)
+    assert code == 0 and "using the NumPy (CPU) backend" in err  # the note still comes
