@@ -490,6 +490,12 @@ def _deconvolve(args) -> int:
     # What the output format cannot hold is refused now, before any work.
     _check_output_layout(output_path, shape, _output_dtype(output_path, dtype, np.float32))
     channels = shape[0] if len(shape) == 3 else None
+    if args.luminance and channels is None:
+        msg = (
+            f"--luminance restores the luminance of a colour image, and {input_path.name} is "
+            "grey (one channel): drop --luminance"
+        )
+        raise GpudeconvError(msg)
     estimate = None
     if auto:
         from .tiles import fits_in_memory

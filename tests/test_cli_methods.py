@@ -147,7 +147,7 @@ def test_luminance_mode_on_colour(tmp_path, capsys):
         (["--saturation", "high"], "expected auto, none or a saturation level"),
         (["--read-noise", "3"], "--read-noise (electrons) and --gain"),
         (["--noise", "none", "--method", "damped"], "need the noise model"),
-        (["--luminance"], "luminance=True restores the luminance of a colour"),
+        (["--luminance"], "--luminance restores the luminance of a colour image"),
     ],
 )
 def test_method_misuse_is_one_line(frame, tmp_path, capsys, flags, match):
