@@ -1235,11 +1235,24 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
         )
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler writing to the current ``sys.stderr``, not the one of the first `main` call:
+    `main` may run many times in one process (tests, notebooks) with stderr redirected."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _show_log_lines() -> None:
     """Print the library's INFO lines (e.g. why the GPU is not used) as 'gpudeconv: ...'."""
     logger = logging.getLogger("gpudeconv")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

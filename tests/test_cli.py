@@ -607,3 +607,22 @@ def test_user_errors_on_a_cpu_machine_are_one_line(observed, tmp_path, capsys, m
     assert_one_line_error(code, err, "does not exist")
     code, _, err = run(["deconvolve", observed, "-o", out, "--psf-fwhm", "3"], capsys)
     assert code == 0 and "using the NumPy (CPU) backend" in err  # the note still comes
+
+
+def test_log_lines_go_to_the_current_stderr(monkeypatch):
+    # The handler kept the stderr of the first main() call: a later note (why the CPU is used)
+    # went to a stale, possibly closed stream ("ValueError: I/O operation on closed file").
+    import io
+    import logging
+
+    from gpudeconv.cli import _show_log_lines
+
+    logger = logging.getLogger("gpudeconv")
+    monkeypatch.setattr(logger, "handlers", [])
+    first, later = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    _show_log_lines()
+    monkeypatch.setattr(sys, "stderr", later)
+    first.close()
+    logger.info("gpudeconv: a note")
+    assert later.getvalue() == "gpudeconv: a note\n"
