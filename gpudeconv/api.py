@@ -136,6 +136,13 @@ def deconvolve(
     if method == "wiener":
         from .restore.wiener import wiener
 
+        unknown = sorted(set(options) - {"nsr"})
+        if unknown:
+            msg = (
+                f"method 'wiener' takes the option nsr, got {', '.join(unknown)} "
+                "(Richardson-Lucy options): drop them or choose an RL method"
+            )
+            raise GpudeconvError(msg)
         return wiener(image, psf, backend=backend, **options)
     options.setdefault("noise", "auto")
     return richardson_lucy(image, psf, iterations, backend=backend, **extra, **options)

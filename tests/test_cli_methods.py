@@ -302,3 +302,11 @@ def test_tiled_learned_run_says_it_ran_the_network(frame, tmp_path, capsys, lear
     assert code == 0, err
     line = err.strip().splitlines()[-1]
     assert "learned network on" in line and "iterations" not in line, line
+
+
+def test_wiener_api_refuses_rl_options(frame):
+    # deconvolve(method='wiener', accelerate=True) raised TypeError from inside wiener().
+    image = fits.getdata(frame)
+    with pytest.raises(gd.GpudeconvError, match="method 'wiener' takes the option nsr"):
+        gd.deconvolve(image, PSF, method="wiener", accelerate=True)
+    assert gd.deconvolve(image, PSF, method="wiener", nsr=1e-3).shape == image.shape
