@@ -60,7 +60,9 @@ _STRETCH = (0.1, 99.9)
 # --- ranges -----------------------------------------------------------------------------------
 
 
-def parse_range(text: str, *, name: str = "range") -> list[float]:
+def parse_range(
+    text: str, *, name: str = "range", example: str = "e.g. 1.5:4:0.5 (start:stop:step) or 2,2.5,3"
+) -> list[float]:
     """Read a list of positive numbers from ``start:stop:step`` or a comma list.
 
     Parameters
@@ -71,6 +73,8 @@ def parse_range(text: str, *, name: str = "range") -> list[float]:
         one value.
     name : str
         What the numbers are, for the error message (e.g. ``'--psf-fwhm'``).
+    example : str
+        Valid values of that kind, for the error message (FWHMs by default).
 
     Returns
     -------
@@ -83,7 +87,6 @@ def parse_range(text: str, *, name: str = "range") -> list[float]:
     GpudeconvError
         One line saying what is wrong, with an example.
     """
-    example = "e.g. 1.5:4:0.5 (start:stop:step) or 2,2.5,3"
     source = str(text).strip()
     if not source:
         msg = f"{name} is empty; give {example}"
@@ -800,9 +803,10 @@ def _validate_arguments(args) -> tuple[list[float] | None, list[int], float | No
         msg = "--auto-fwhm measures the range that --psf-fwhm gives by hand; use one of them"
         raise GpudeconvError(msg)
     fwhms = None if args.psf_fwhm is None else parse_range(args.psf_fwhm, name="--psf-fwhm")
-    counts = parse_range(args.iterations, name="--iterations")
+    counts_example = "e.g. 30, 30,50 or 10:50:20"
+    counts = parse_range(args.iterations, name="--iterations", example=counts_example)
     if any(count != int(count) for count in counts):
-        msg = f"--iterations {args.iterations!r} must be whole numbers, e.g. 30, 30,50 or 10:50:20"
+        msg = f"--iterations {args.iterations!r} must be whole numbers, {counts_example}"
         raise GpudeconvError(msg)
     beta = None
     if args.psf_beta is not None:
