@@ -1701,39 +1701,46 @@ def _run_params(
 
 
 _WHAT_DIFFERS = {
-    "input": "the input file (changed since, or another one)",
-    "psf": "the PSF",
-    "iterations": "the iterations",
-    "backend": "the backend",
-    "shape": "the image shape",
-    "tile": "the tile size",
-    "halo": "the halo",
-    "options": "the options",
-    "method": "the method",
+    "input": "a different input file (changed since, or another one)",
+    "psf": "a different PSF",
+    "iterations": "a different number of iterations",
+    "backend": "a different backend",
+    "shape": "a different image shape",
+    "tile": "a different tile size",
+    "halo": "a different halo",
 }
+#: what follows from the method (as its options do): not named when the method differs
+_OF_THE_METHOD = ("iterations", "halo")
 
 
 def _check_resumable(journal: _Journal, params: dict, forced_tile: int | None) -> None:
-    differs = [
-        _WHAT_DIFFERS[key]
-        for key in _WHAT_DIFFERS
-        if key not in ("tile", "options", "method") and journal.params.get(key) != params[key]
+    method = params["method"]
+    # a journal from before the RL methods were named was written by one of them; their options
+    # tell them apart
+    was = journal.params.get("method", "an RL method" if method == "learned" else method)
+    other_method = was != method
+    differs = [f"a different method ({was}, now {method})"] if other_method else []
+    differs += [
+        what
+        for key, what in _WHAT_DIFFERS.items()
+        if key != "tile"
+        and not (other_method and key in _OF_THE_METHOD)
+        and journal.params.get(key) != params[key]
     ]
-    if journal.params.get("method", "rl") != params.get("method", "rl"):
-        differs.append(_WHAT_DIFFERS["method"])
     # a journal from before the options were recorded was written by plain RL
     options = journal.params.get("options", _PLAIN_RECORD)
-    if options != params["options"]:
+    if options != params["options"] and not other_method:
         names = sorted(
             key for key in params["options"] if options.get(key) != params["options"][key]
         )
-        differs.append(f"{_WHAT_DIFFERS['options']} ({', '.join(names) or 'their set'})")
+        differs.append(f"different options ({', '.join(names) or 'their set'})")
     if forced_tile is not None and forced_tile != journal.params.get("tile"):
         differs.append(_WHAT_DIFFERS["tile"])
     if differs:
+        listed = differs[0] if len(differs) == 1 else f"{', '.join(differs[:-1])} and {differs[-1]}"
         msg = (
-            f"cannot resume from {journal.path.name}: it was written with a different "
-            f"{', '.join(differs)}; run with --overwrite (overwrite=True) to start again"
+            f"cannot resume from {journal.path.name}: it was written with {listed}; run with "
+            "--overwrite (overwrite=True) to start again"
         )
         raise GpudeconvError(msg)
 
@@ -1791,8 +1798,8 @@ def deconvolve_file(
         Continue an interrupted run into the same output: the tiles in its journal are kept,
         the rest restored with the noise models and saturation levels the journal recorded,
         and the result is byte for byte that of an uninterrupted run (same machine and
-        libraries). Refused in one line if the input, PSF, iterations, backend, options or
-        forced tile differ. Without a journal to continue, the run starts afresh.
+        libraries). Refused in one line if the input, PSF, iterations, backend, method,
+        options or forced tile differ. Without a journal to continue, the run starts afresh.
     overwrite : bool
         Replace an existing output, and the partial output of an interrupted run.
     progress : bool
@@ -1884,8 +1891,7 @@ def deconvolve_file(
             plan = _cut(reader.shape, plan.tile, halo)
         journal = _resumable(partial, journal_path, resume=resume, overwrite=overwrite)
         params = _run_params(input_path, psf, iterations, backend, plan, settings)
-        if learned:
-            params["method"] = "learned"
+        params["method"] = method
         if journal is not None:
             _check_resumable(journal, params, tile)
             plan = _cut(reader.shape, journal.params["tile"], plan.halo)

@@ -450,17 +450,24 @@ def test_resuming_with_a_changed_input_or_psf_is_refused(cpu, tmp_path):
         tiles.deconvolve_file(path, out, PSF, 4, on_tile=stop_after(2), **run)
 
     with pytest.raises(
-        GpudeconvError, match=r"^cannot resume .* different the PSF; run with --overwrite"
+        GpudeconvError,
+        match=r"^cannot resume .*: it was written with a different PSF; run with --overwrite",
     ):
         tiles.deconvolve_file(path, out, gd.psf.moffat(3.0, size=25), 4, resume=True, **run)
-    with pytest.raises(GpudeconvError, match="different the iterations"):
+    with pytest.raises(GpudeconvError, match="with a different number of iterations;"):
         tiles.deconvolve_file(path, out, PSF, 5, resume=True, **run)
-    with pytest.raises(GpudeconvError, match="different the tile size"):
+    other = gd.psf.moffat(3.0, size=25)
+    with pytest.raises(
+        GpudeconvError,
+        match=r"with a different PSF, a different number of iterations and a different tile size;",
+    ):
+        tiles.deconvolve_file(path, out, other, 5, resume=True, **{**run, "tile": 100})
+    with pytest.raises(GpudeconvError, match="with a different tile size;"):
         tiles.deconvolve_file(path, out, PSF, 4, resume=True, **{**run, "tile": 100})
     image[5, 5] += 1
     os.remove(path)
     write_fits(path, image)
-    with pytest.raises(GpudeconvError, match=r"different the input file") as caught:
+    with pytest.raises(GpudeconvError, match=r"with a different input file \(changed") as caught:
         tiles.deconvolve_file(path, out, PSF, 4, resume=True, **run)
     assert "\n" not in str(caught.value)
 

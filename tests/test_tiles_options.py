@@ -17,6 +17,7 @@ from astropy.io import fits
 
 import gpudeconv as gd
 from gpudeconv import GpudeconvError, GpudeconvWarning, tiles
+from gpudeconv.api import method_options
 from gpudeconv.backend._numpy import NumPyBackend
 from gpudeconv.io import ArrayTileReader, ArrayTileWriter
 from gpudeconv.restore.noise import BOX, NoiseModel, estimate_noise, saturation_level
@@ -354,13 +355,13 @@ def test_a_resumed_run_takes_the_journals_models_and_refuses_other_options(
 
     with pytest.raises(
         GpudeconvError,
-        match=r"^cannot resume .* different the options \(damping\); run with --overwrite",
+        match=r"^cannot resume .* with different options \(damping\); run with --overwrite",
     ):
         tiles.deconvolve_file(
             path, out, scene.psf, 3, resume=True, options={**options, "damping": 2.0}, **run
         )
     with pytest.raises(
-        GpudeconvError, match=r"different the options \(damping, noise, saturation\)"
+        GpudeconvError, match=r"with different options \(damping, noise, saturation\);"
     ):
         tiles.deconvolve_file(path, out, scene.psf, 3, resume=True, **run)
 
@@ -373,3 +374,40 @@ def test_a_resumed_run_takes_the_journals_models_and_refuses_other_options(
     monkeypatch.undo()
     tiles.deconvolve_file(path, tmp_path / "straight.fits", scene.psf, 3, options=options, **run)
     assert out.read_bytes() == (tmp_path / "straight.fits").read_bytes()
+
+
+def test_resuming_with_another_method_names_the_method(cpu, scene, tmp_path):
+    path = tmp_path / "in.fits"
+    fits.PrimaryHDU(scene.observed[:200, 100:300]).writeto(path)
+    out = tmp_path / "out.fits"
+    run = dict(backend=cpu, tile=96, progress=False)
+    tv = method_options("rl-tv")
+    with pytest.raises(tiles.TileRunInterrupted):
+        tiles.deconvolve_file(
+            path, out, scene.psf, 3, on_tile=stop_after(2), options=tv, method="rl-tv", **run
+        )
+
+    with pytest.raises(
+        GpudeconvError,
+        match=r"^cannot resume .*: it was written with a different method \(rl-tv, now rl\); run",
+    ):
+        tiles.deconvolve_file(path, out, scene.psf, 3, resume=True, **run)
+    with pytest.raises(
+        GpudeconvError, match=r"with a different method \(rl-tv, now learned\); run"
+    ):
+        tiles.deconvolve_file(path, out, scene.psf, 3, resume=True, method="learned", **run)
+
+    # a journal from before the RL methods were named: their options tell them apart
+    journal = tmp_path / ".out.fits.journal"
+    lines = journal.read_text().splitlines()
+    first = json.loads(lines[0])
+    del first["method"]
+    journal.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    with pytest.raises(GpudeconvError, match=r"with different options \(regularization\); run"):
+        tiles.deconvolve_file(path, out, scene.psf, 3, resume=True, **run)
+    with pytest.raises(GpudeconvError, match=r"a different method \(an RL method, now learned\)"):
+        tiles.deconvolve_file(path, out, scene.psf, 3, resume=True, method="learned", **run)
+    report = tiles.deconvolve_file(
+        path, out, scene.psf, 3, resume=True, options=tv, method="rl-tv", **run
+    )
+    assert report.tiles_resumed == 2 and out.exists()
