@@ -23,6 +23,7 @@ from ._version import __version__
 __all__ = ["main"]
 
 USER_ERROR = 2
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 DEFAULT_ITERATIONS = 30  # --iterations when not given (the RL methods only)
 _INTEGER_ONLY = (".png", ".jpg", ".jpeg")  # formats that hold no floating-point pixels
 _FITS_NAMES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz")  # PSFs are saved as FITS
@@ -1259,13 +1260,18 @@ def _show_log_lines() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 success, 2 user error)."""
+    """Run the command line; returns the exit code (0 success, 2 user error, 130 Ctrl-C)."""
     warnings.showwarning = _show_warning
     _show_log_lines()
     try:
         args = _build_parser().parse_args(argv)
         return _COMMANDS[args.command](args)
     except GpudeconvError as error:
+        from .tiles import TileRunInterrupted
+
+        if isinstance(error, TileRunInterrupted):  # Ctrl-C, as below: the run can go on
+            print(f"gpudeconv: {error}", file=sys.stderr)
+            return INTERRUPTED
         print(f"gpudeconv: error: {error}", file=sys.stderr)
         return USER_ERROR
     except MemoryError:
@@ -1277,7 +1283,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("gpudeconv: interrupted; no output was written", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

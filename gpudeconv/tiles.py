@@ -914,7 +914,9 @@ def learned_halo(psf, shape, channels: int) -> int:
 
 
 class TileRunInterrupted(GpudeconvError):
-    """A tiled run stopped by the user (Ctrl-C): the partial output and its journal are kept."""
+    """A tiled run stopped by the user (Ctrl-C): the partial output and its journal are kept.
+
+    The command line prints it as one line and exits with 130, as for any Ctrl-C."""
 
     def __init__(self, done: int, total: int):
         self.done, self.total = done, total

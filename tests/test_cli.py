@@ -467,6 +467,40 @@ def test_deconvolve_in_tiles_matches_the_whole_image(observed, tmp_path, capsys)
     ]
 
 
+def test_ctrl_c_exits_130_tiled_with_the_resume_advice(observed, tmp_path, capsys, monkeypatch):
+    from gpudeconv import tiles
+
+    deconvolve_file = tiles.deconvolve_file
+
+    def stopped_after_two_tiles(*args, **kwargs):
+        def on_tile(done, tile):
+            if done == 2:
+                raise KeyboardInterrupt
+
+        return deconvolve_file(*args, **kwargs, on_tile=on_tile)
+
+    out = tmp_path / "o.fits"
+    argv = ["deconvolve", observed, "-o", out, "--psf-fwhm", "3", "--iterations", "3", "--quiet"]
+    monkeypatch.setattr(tiles, "deconvolve_file", stopped_after_two_tiles)
+    code, _, err = run([*argv, "--tile", "48"], capsys)
+    assert code == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1] == (
+        "gpudeconv: interrupted after 2 of 6 tiles; run again with --resume to continue"
+    ), err
+    assert "Traceback" not in err and not out.exists()
+    monkeypatch.undo()
+    code, _, err = run([*argv, "--tile", "48", "--resume"], capsys)
+    assert code == 0 and out.exists(), err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gd.restore, "richardson_lucy", interrupted)  # in memory, the same code
+    code, _, err = run([*argv, "--overwrite"], capsys)
+    assert code == 130 and err.splitlines()[-1].startswith("gpudeconv: interrupted"), err
+
+
 def test_tile_options_that_cannot_go_together(observed, tmp_path, capsys):
     out = tmp_path / "o.fits"
     code, _, err = run(
