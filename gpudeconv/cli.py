@@ -550,7 +550,8 @@ def _deconvolve(args) -> int:
         header,
         method=args.method,
         psf=psf_text,
-        iterations=iterations,
+        iterations=info.iterations if info is not None else None,
+        steps=_steps(args.method),
         backend=backend.name,
         extra=history,
     )
@@ -588,6 +589,15 @@ def _requested_backend(name: str | None) -> str:
 
 #: How the methods without iterations say what they did.
 _ONE_STEP = {"wiener": "Wiener filter", "learned": "learned network"}
+
+
+def _steps(method: str) -> str | None:
+    """What a method without iterations ran, for the HISTORY (None for the RL methods)."""
+    if method == "learned":
+        from .learned.infer import weights_path
+
+        return f"network {weights_path().name}"
+    return "one filter step" if method == "wiener" else None
 
 
 def _restore(args, image, header, kernel, backend):

@@ -239,9 +239,10 @@ def provenance_header(
     *,
     method: str,
     psf,
-    iterations: int,
+    iterations: int | None,
     backend: str,
     extra: dict | None = None,
+    steps: str | None = None,
 ) -> fits.Header:
     """Return a copy of ``header`` with HISTORY cards saying how the image was restored.
 
@@ -253,18 +254,23 @@ def provenance_header(
         Restoration method, e.g. ``'richardson_lucy'``.
     psf : object
         The PSF, described by its ``str`` (e.g. ``'Moffat fwhm=3.1 beta=2.5'`` or a file name).
-    iterations : int
-        Iterations run.
+    iterations : int or None
+        Iterations run; None for a method without iterations (the Wiener filter, the learned
+        network), which ``steps`` describes instead.
     backend : str
         Backend used, e.g. ``'cupy'`` or ``'numpy'``.
     extra : dict, optional
         More items, each recorded as ``'gpudeconv <key>: <value>'``.
+    steps : str, optional
+        What a method without iterations ran, in place of the iteration count, e.g.
+        ``'network learned-v1.npz'`` or ``'one filter step'``.
 
     Returns
     -------
     astropy.io.fits.Header
         The copy, with the lines ``'gpudeconv <version>: <method>, <iterations> iterations,
-        backend <backend>'``, ``'gpudeconv PSF: <psf>'`` and the ``extra`` items appended.
+        backend <backend>'`` (``<steps>`` in place of the iterations when they are None),
+        ``'gpudeconv PSF: <psf>'`` and the ``extra`` items appended.
 
     Notes
     -----
@@ -274,8 +280,9 @@ def provenance_header(
     the line back.
     """
     result = fits.Header() if header is None else header.copy()
+    ran = [method, f"{iterations} iterations" if iterations is not None else steps]
     lines = [
-        f"gpudeconv {__version__}: {method}, {iterations} iterations, backend {backend}",
+        f"gpudeconv {__version__}: {', '.join(filter(None, ran))}, backend {backend}",
         f"gpudeconv PSF: {psf}",
         *(f"gpudeconv {key}: {value}" for key, value in (extra or {}).items()),
     ]

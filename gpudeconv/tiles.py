@@ -618,14 +618,19 @@ def _history_items(settings: rl._Settings, measured: _Measured, iterations: int)
     return items
 
 
-def _learned_history(measured: _Measured, options: dict) -> dict:
-    """HISTORY items of a tiled learned run: the network and each channel's normalization."""
+def _network_name(options: dict) -> str:
+    """The learned network's weights as the HISTORY names them (their file's name)."""
     from .learned.infer import weights_path
 
     weights = options.get("weights")
-    name = weights_path().name if weights is None else getattr(weights, "name", "given weights")
     if isinstance(weights, (str, os.PathLike)):
-        name = Path(weights).name
+        return Path(weights).name
+    return weights_path().name if weights is None else getattr(weights, "name", "given weights")
+
+
+def _learned_history(measured: _Measured, options: dict) -> dict:
+    """HISTORY items of a tiled learned run: the network and each channel's normalization."""
+    name = _network_name(options)
     items = {"options": f"learned network {name}, one normalization per channel for the mosaic"}
     count = len(measured.normalization)
     for channel, norm in enumerate(measured.normalization):
@@ -1928,7 +1933,8 @@ def deconvolve_file(
                 reader.header,
                 method=method,
                 psf=psf_description or _describe_psf(psf),
-                iterations=iterations,
+                iterations=None if learned else iterations,  # the network has none
+                steps=f"network {_network_name(options)}" if learned else None,
                 backend=backend.name,
                 extra={
                     "tiles": f"{plan.tile} px, halo {plan.halo} px",

@@ -103,7 +103,9 @@ def test_damped_strength_tv_and_wiener(frame, tmp_path, capsys):
     code, _, err = run([*argv, "--quiet"], capsys)
     assert code == 0, err
     np.testing.assert_allclose(fits.getdata(filtered), gd.wiener(image, PSF), rtol=1e-5, atol=1e-3)
-    assert "wiener" in history_of(filtered).lower()
+    history = history_of(filtered)
+    assert f"gpudeconv {gd.__version__}: wiener, one filter step, backend numpy" in history
+    assert "iterations" not in history  # one step of the filter
 
 
 def test_header_saturation_level_masks_the_clipped_cores(tmp_path, capsys):
@@ -226,6 +228,8 @@ def test_learned_method_matches_the_api_and_says_so(frame, tmp_path, capsys, lea
     np.testing.assert_array_equal(gd.deconvolve(image, PSF, method="learned"), expected)
     history = history_of(out)
     assert "learned network net-test.npz, tiles 512 + halo 24 px" in history
+    assert f"gpudeconv {gd.__version__}: learned, network net-test.npz, backend numpy" in history
+    assert "iterations" not in history  # the network has none
 
 
 def test_learned_method_streams_with_tile(frame, tmp_path, capsys, learned_weights):
@@ -239,6 +243,8 @@ def test_learned_method_streams_with_tile(frame, tmp_path, capsys, learned_weigh
     assert restored.shape == image.shape and np.isfinite(restored).all()
     history = history_of(out)
     assert "learned network net-test.npz" in history and "normalization offset" in history
+    assert f"gpudeconv {gd.__version__}: learned, network net-test.npz, backend numpy" in history
+    assert "iterations" not in history  # as in memory: the network has none
 
 
 @pytest.mark.parametrize(
