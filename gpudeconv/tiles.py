@@ -794,6 +794,8 @@ def _measure(
                 sample.add(core, block)
             if top is not None:
                 top.add(block)
+        if not np.isfinite(low).any():  # before any output is made
+            raise GpudeconvError(rl.NO_DATA)
     models = [None] * channels
     if isinstance(settings.noise, tuple):
         models = list(settings.noise)

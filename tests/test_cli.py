@@ -312,6 +312,21 @@ def error_cases(tmp: Path, observed: Path):
             ],
             "Moffat",
         ),
+        **{
+            f"image without data{name}": (
+                # a named backend: no note on the choice of 'auto' comes before the error
+                ["deconvolve", nothing, "-o", tmp / "o.fits", *fwhm, "--backend", "numpy", *flags],
+                "the image holds no data (every pixel is NaN or infinite)",
+            )
+            for nothing in [write_fits(tmp / "nothing.fits", np.full((2, 40, 48), np.nan))]
+            for name, flags in [
+                ("", []),
+                (" tiled", ["--tile", "16"]),
+                (" wiener", ["--method", "wiener"]),
+                (" learned", ["--method", "learned"]),
+                (" learned tiled", ["--method", "learned", "--tile", "16"]),
+            ]
+        },
     }
 
 
@@ -338,6 +353,11 @@ CASES = [
     "float to png",
     "beta with gaussian",
     "output is a folder",
+    "image without data",
+    "image without data tiled",
+    "image without data wiener",
+    "image without data learned",
+    "image without data learned tiled",
 ]
 
 

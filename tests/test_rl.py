@@ -132,10 +132,21 @@ def test_zero_and_negative_data_never_produce_nan(backend):
     assert abs(np.median(result) - np.median(negative)) < 0.05 * np.ptp(negative)
 
 
-def test_all_nodata_plane_comes_back_nan(backend):
-    image = np.full((32, 32), np.nan, dtype=np.float32)
-    result = to_numpy(gd.richardson_lucy(image, gd.psf.gaussian(2.0, size=5), 3, backend=backend))
-    assert np.isnan(result).all()
+@pytest.mark.parametrize("method", ["rl", "rl-tv", "damped", "wiener", "learned"])
+def test_an_image_without_data_is_refused_a_channel_without_data_is_nan(backend, method):
+    psf = gd.psf.gaussian(2.0, size=5)
+    nothing = np.full((2, 32, 32), np.nan, dtype=np.float32)
+    nothing[1, 3, 4] = np.inf
+    for image in (nothing[0], nothing):  # grey, and colour with no data in any channel
+        with pytest.raises(GpudeconvError, match=r"^the image holds no data \(every pixel is NaN"):
+            gd.deconvolve(backend.asarray(image), psf, method=method, iterations=3, backend=backend)
+    if method == "learned":  # its own tests keep the empty plane of a colour image
+        return
+    colour = np.stack([star_field(shape=(32, 32), seed=5), nothing[0]])
+    result = to_numpy(
+        gd.deconvolve(backend.asarray(colour), psf, method=method, iterations=3, backend=backend)
+    )
+    assert np.isnan(result[1]).all() and np.isfinite(result[0]).all()
 
 
 def test_progress_callback_counts_all_iterations():

@@ -339,6 +339,28 @@ def test_tiles_without_data_are_skipped(cpu, tmp_path):
     assert np.abs(data[valid] - whole[valid]).max() <= 1e-4 * image_range(image)
 
 
+@pytest.mark.parametrize(
+    ("method", "shape", "options"),
+    [
+        ("rl", (200, 200), None),
+        ("rl", (200, 200), {"noise": "auto"}),
+        ("rl", (3, 150, 160), None),
+        ("learned", (200, 200), None),
+        ("learned", (3, 150, 160), None),
+    ],
+)
+def test_an_image_without_data_is_refused_before_any_file(cpu, tmp_path, method, shape, options):
+    image = np.full(shape, np.nan, np.float32)
+    image[(0,) * (len(shape) - 2) + (7, 9)] = np.inf
+    path = write_fits(tmp_path / "in.fits", image)
+    run = dict(backend=cpu, tile=64, progress=False, method=method, options=options)
+    with pytest.raises(GpudeconvError, match=r"^the image holds no data \(every pixel is NaN"):
+        tiles.deconvolve_file(path, tmp_path / "out.fits", PSF, 3, **run)
+    assert leftovers(tmp_path) == ["in.fits"]
+    with pytest.raises(GpudeconvError, match="holds no data"):
+        tiles.deconvolve_tiled(image, PSF, 3, backend=cpu, tile=64, progress=False)
+
+
 @pytest.mark.parametrize("iterations", [1, 2])
 def test_tiles_match_the_whole_image_next_to_no_data(cpu, iterations):
     # A no-data pixel starts from the data within the PSF radius + 1 of it (rl._nodata_start),

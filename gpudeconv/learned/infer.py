@@ -170,6 +170,7 @@ def learned_deconvolve(
 
     data = chosen.asarray(image, dtype=np.float32)
     planes = data if is_colour else data[None]
+    rl._check_has_data(planes, chosen.xp)
     restored = chosen.xp.empty_like(planes)
     rows, columns = _tile_spans(shape[0], tile), _tile_spans(shape[1], tile)
     bar = _progress_bar(channels * len(rows) * len(columns), progress)

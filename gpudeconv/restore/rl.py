@@ -40,6 +40,18 @@ def _validate_image(image, *, min_side: int = 2, too_small: str = "to deconvolve
         raise GpudeconvError(msg)
 
 
+#: The refusal of an image without data, in memory (`_check_has_data`) and in tiles.
+NO_DATA = "the image holds no data (every pixel is NaN or infinite): check the file or the stack"
+
+
+def _check_has_data(planes, xp) -> None:
+    """Refuse an image without one finite pixel in any of its ``(C, H, W)`` ``planes``: there
+    is nothing to restore. A colour image with only some channels all no-data is restored
+    (those channels come back NaN). Plane by plane: most images stop at the first."""
+    if not any(bool(xp.isfinite(plane).any()) for plane in planes):
+        raise GpudeconvError(NO_DATA)
+
+
 def _validate_iterations(iterations) -> int:
     if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 1:
         msg = (
@@ -490,6 +502,7 @@ def richardson_lucy(
     )
     dtype = backend.float_dtype(image.dtype)
     data = backend.asarray(image, dtype=dtype)
+    _check_has_data(data if is_colour else data[None], backend.xp)
     if luminance:
         from .colour import luminance as luminance_of
         from .colour import recombine

@@ -11,7 +11,7 @@ from ..backend import Backend, backend_for, is_cupy_array
 from ..psf import PSFField, validate_psf
 from ..psf.field import FieldWindow
 from .noise import estimate_noise
-from .rl import _validate_image
+from .rl import _check_has_data, _validate_image
 
 __all__ = ["wiener"]
 
@@ -144,6 +144,7 @@ def wiener(image, psf, *, nsr: float | None = None, backend: str | Backend | Non
     dtype = backend.float_dtype(image.dtype)
     data = backend.asarray(image, dtype=dtype)
     planes = data if is_colour else data[None]
+    _check_has_data(planes, backend.xp)
     restored = backend.xp.empty_like(planes)
     for index in range(channels):
         restored[index] = _restore_plane(planes[index], psfs[index], nsr, backend)
