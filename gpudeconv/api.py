@@ -9,6 +9,7 @@ import numpy as np
 from ._errors import GpudeconvError
 from .backend import Backend
 from .restore import richardson_lucy
+from .restore.rl import _as_image
 
 __all__ = ["deconvolve", "METHODS", "method_options"]
 
@@ -56,7 +57,7 @@ def deconvolve(
 
     Parameters
     ----------
-    image : (H, W) or (C, H, W) ndarray, or str / os.PathLike
+    image : (H, W) or (C, H, W) array_like, or str / os.PathLike
         The image, or the path of a FITS, TIFF, PNG or JPEG file to read.
     psf : (k, k) or (C, k, k) array_like, or PSFField, optional
         The PSF, or a field of PSFs that varies across the image. None (the default) estimates
@@ -95,6 +96,8 @@ def deconvolve(
         float32 (float64 for float64 input), same shape as the image.
     """
     extra = method_options(method, regularization)
+    if not isinstance(image, (str, os.PathLike)):
+        image = _as_image(image)  # a nested list, as NumPy takes it
     if psf is not None and psf_grid is not None:
         msg = (
             "psf_grid sets the grid of a PSF field estimated from the stars (psf=None); drop it "

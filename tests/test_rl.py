@@ -85,6 +85,42 @@ def test_dtype_policy(backend, dtype, expected):
     assert result.dtype == expected
 
 
+@pytest.mark.parametrize(
+    ("restore", "float64"),
+    [
+        (lambda image, psf: gd.richardson_lucy(image, psf, 3), np.float64),
+        (lambda image, psf: gd.wiener(image, psf), np.float64),
+        *(
+            (
+                lambda image, psf, method=method: gd.deconvolve(
+                    image, psf, method=method, iterations=3
+                ),
+                np.float32 if method == "learned" else np.float64,
+            )
+            for method in ("rl", "wiener", "learned")
+        ),
+        (lambda image, psf: gd.deconvolve(image, psf, iterations=3, tile=32), np.float64),
+    ],
+    ids=["richardson_lucy", "wiener", "deconvolve", "deconvolve-wiener", "learned", "tiles"],
+)
+@pytest.mark.filterwarnings("ignore:.*trained on deep-sky data:gpudeconv.GpudeconvWarning")
+def test_a_nested_list_is_taken_as_numpy_takes_it(restore, float64):
+    image = np.round(star_field(shape=(40, 44), seed=13))
+    psf = gd.psf.gaussian(2.0, size=7)
+    floats, integers = image.astype(np.float64), image.astype(np.int32)
+    # the dtype policy: float64 kept (the network gives float32), integers become float32
+    for array, dtype in (
+        (floats, float64),
+        (integers, np.float32),
+        (floats.astype(np.float32), np.float32),
+    ):
+        result = restore(array.tolist() if array.dtype != np.float32 else list(array), psf)
+        assert result.dtype == dtype
+        np.testing.assert_array_equal(result, restore(array, psf))
+    with pytest.raises(GpudeconvError, match=r"^image must be an \(H, W\) or \(C, H, W\) array;"):
+        restore([[1.0, 2.0, 3.0], [4.0, 5.0]], psf)
+
+
 def test_numpy_in_numpy_out_and_device_arrays_stay_on_device(backend):
     image = star_field(shape=(40, 44), seed=10)
     psf = gd.psf.gaussian(2.0, size=9)

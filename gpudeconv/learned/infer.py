@@ -97,7 +97,7 @@ def learned_deconvolve(
 
     Parameters
     ----------
-    image : (H, W) or (C, H, W) ndarray (NumPy or CuPy)
+    image : (H, W) or (C, H, W) array_like (NumPy or CuPy)
         Linear data; colour channel-first, each channel restored on its own. Non-finite pixels
         are no-data: they enter the network at the sky level and come back NaN. Sides of at
         least 16 pixels.
@@ -156,6 +156,7 @@ def learned_deconvolve(
     identity network) return the data unchanged, bit for bit. The tiling is described in the
     module's docstring.
     """
+    image = rl._as_image(image)
     chosen = backend_for(image, backend)
     _validate_image(image)
     tile = _validate_tile(tile)

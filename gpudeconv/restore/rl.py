@@ -22,6 +22,21 @@ __all__ = ["ChannelInfo", "RestorationInfo", "richardson_lucy"]
 MANY_ITERATIONS = 500
 
 
+def _as_image(image):
+    """``image`` as an array: a NumPy or CuPy array as it is, any other array-like (a nested
+    list) as `numpy.asarray` makes it, whose dtype then follows the dtype policy."""
+    if isinstance(image, np.ndarray) or is_cupy_array(image):
+        return image
+    try:
+        return np.asarray(image)
+    except ValueError:  # a ragged nested list
+        msg = (
+            f"image must be an (H, W) or (C, H, W) array; NumPy cannot make one of this "
+            f"{type(image).__name__} (rows or channels of different lengths?)"
+        )
+        raise GpudeconvError(msg) from None
+
+
 def _validate_image(image, *, min_side: int = 2, too_small: str = "to deconvolve") -> None:
     """One-line errors for an image no restoration takes: not real numbers, not (H, W) or
     (C, H, W), or sides under ``min_side`` (the message then ends with ``too_small``)."""
@@ -352,7 +367,7 @@ def richardson_lucy(
 
     Parameters
     ----------
-    image : (H, W) or (C, H, W) ndarray (NumPy or CuPy)
+    image : (H, W) or (C, H, W) array_like (NumPy or CuPy)
         The observed image; colour channel-first, restored channel by channel (or by its
         luminance, ``luminance=True``). Non-finite pixels are no-data: they carry no weight in
         the fit and come back as NaN.
@@ -475,6 +490,7 @@ def richardson_lucy(
     .. [8] Whyte, O., Sivic, J. & Zisserman, A. (2014), "Deblurring shaken and partially
            saturated images", IJCV 110, 185. :doi:`10.1007/s11263-014-0727-3`
     """
+    image = _as_image(image)
     backend = backend_for(image, backend)
     _validate_image(image)
     iterations = _validate_iterations(iterations)

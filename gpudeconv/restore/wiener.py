@@ -11,7 +11,7 @@ from ..backend import Backend, backend_for, is_cupy_array
 from ..psf import PSFField, validate_psf
 from ..psf.field import FieldWindow
 from .noise import estimate_noise
-from .rl import _check_has_data, _validate_image
+from .rl import _as_image, _check_has_data, _validate_image
 
 __all__ = ["wiener"]
 
@@ -65,7 +65,7 @@ def wiener(image, psf, *, nsr: float | None = None, backend: str | Backend | Non
 
     Parameters
     ----------
-    image : (H, W) or (C, H, W) ndarray (NumPy or CuPy)
+    image : (H, W) or (C, H, W) array_like (NumPy or CuPy)
         The observed image; colour channel-first, restored channel by channel. Non-finite
         pixels are no-data: filled for the filter from the data around them and NaN after.
     psf : (k, k) or (C, k, k) array_like
@@ -133,6 +133,7 @@ def wiener(image, psf, *, nsr: float | None = None, backend: str | Backend | Non
            Series", MIT Press. Gonzalez, R. C. & Woods, R. E. (2018), "Digital Image
            Processing", 4th ed., section 5.8.
     """
+    image = _as_image(image)
     backend = backend_for(image, backend)
     _validate_image(image)
     _validate_single_psf(psf)
