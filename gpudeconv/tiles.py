@@ -938,7 +938,8 @@ class TileRunReport:
 
     ``tiles_done`` tiles were restored now, ``tiles_skipped`` held no data (written as NaN),
     ``tiles_resumed`` were already in the output from an interrupted run; ``mpix_it_per_s`` is
-    the restored pixels (of all channels) times iterations per second of ``seconds``.
+    the restored pixels (of all channels) times iterations (1 for the learned method) per
+    second of ``seconds``.
     ``options`` are the options in effect (`richardson_lucy`'s, as JSON values), ``noise`` the
     noise model of each channel (None without one) and ``saturation`` each channel's level
     (None without one), measured on the whole image.
@@ -1514,7 +1515,8 @@ def restore_tiled(
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - run.started
-    rate = run.restored_pixels * iterations / seconds / 1e6 if seconds > 0 else 0.0
+    passes = 1 if network is not None else iterations  # the network is one pass, as Wiener is
+    rate = run.restored_pixels * passes / seconds / 1e6 if seconds > 0 else 0.0
     return TileRunReport(
         output=None,
         shape=tuple(reader.shape),
