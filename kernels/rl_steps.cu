@@ -6,8 +6,15 @@
 //                                            d ~ Poisson(H u + bg); bg = 0 is the plain RL ratio
 //   damped  r = w (1 + U^(N-1) (N - (N-1) U) (d - m) / m)   where U < 1 (White 1994),
 //           r = w d / m                                     elsewhere, with m = max(b + bg, eps),
-//           U = s D(d, m), D the Poisson deviance 2 (d log(d / m) - d + m) (2 m where d <= 0),
-//           s the damping scale and N >= 1 its power: pixels fitted within the noise stop moving
+//           U = s (p D(d, m) + (1 - p) (d - m)^2 / m), D the Poisson deviance
+//           2 (d log(d / m) - d + m) (2 m where d <= 0), (d - m)^2 / m Pearson's chi-square, s the
+//           damping scale and N >= 1 its power: pixels fitted within the noise stop moving.
+//           p = max(m - a, 0) / m is the share of the model's variance that is Poisson (skewed,
+//           as the deviance's asymmetry is), a the noise model's offset alpha in the working
+//           units of d and m: the data is (observed + alpha) / scale, its variance m / c (c the
+//           counts per working unit), alpha / scale / c of which is read or subtracted sky
+//           noise (Gaussian), so a = alpha / scale. a = 0 (raw frames) is White's U = s D
+//           exactly; on the sky of sky-subtracted data (m ~ a) U is Pearson's, unbiased there
 //   update  u <- u c / n   where n > floor   c = H^T r (the correction), n = H^T w; pixels with
 //                                            n <= floor have (almost) no data behind them and
 //                                            keep their value
@@ -93,19 +100,35 @@ __device__ void rl_ratio(const T* observed, const T* blurred, const T* weight, T
     }
 }
 
-/// White's damped ratio (the header's formula) times weight[i] if has_weight, for scale > 0 and
-/// power >= 1; an entry point of its own, so that the plain ratio keeps its code and speed. The
-/// weight matters on every pixel: the damped ratio is not 0 where observed is. ratio may alias
-/// blurred.
+/// The damping statistic U / s of one pixel (the header's p D + (1 - p) (d - m)^2 / m) for a
+/// model m >= eps > 0 and an offset a >= 0. Where p rounds to 1 (always where a = 0) it is the
+/// deviance itself, bit for bit, without Pearson's term.
+template <typename T>
+__device__ inline T damping_misfit(T d, T m, T offset) {
+    const T dev = poisson_deviance(d, m);
+    const T share = m > offset ? (m - offset) / m : (T)0;  // p: the Poisson share
+    if (share < (T)1) {
+        const T diff = d - m;
+        const T pearson = diff * diff / m;
+        return share * dev + ((T)1 - share) * pearson;
+    }
+    return dev;
+}
+
+/// White's damped ratio (the header's formula) times weight[i] if has_weight, for scale > 0,
+/// power >= 1 and offset >= 0; an entry point of its own, so that the plain ratio keeps its code
+/// and speed. The weight matters on every pixel: the damped ratio is not 0 where observed is.
+/// ratio may alias blurred.
 template <typename T>
 __device__ void rl_damped_ratio(const T* observed, const T* blurred, const T* weight, T* ratio,
-                                IDX n, T eps, T background, T scale, T power, int has_weight) {
+                                IDX n, T eps, T background, T scale, T power, T offset,
+                                int has_weight) {
     const T order = power - (T)1;
     for (IDX i = gpudeconv_first_index(); i < n; i += gpudeconv_grid_stride()) {
         T m = blurred[i] + background;
         m = m > eps ? m : eps;
         const T d = observed[i];
-        const T misfit = scale * poisson_deviance(d, m);  // White's U
+        const T misfit = scale * damping_misfit(d, m, offset);  // White's U
         T r;
         if (misfit < (T)1) {
             // U^(N-1) may underflow to 0 in float: the ratio is then 1, as it should be
@@ -279,16 +302,16 @@ extern "C" __global__ void gpudeconv_rl_ratio_float64(const double* observed,
 
 extern "C" __global__ void gpudeconv_rl_damped_ratio_float32(
     const float* observed, const float* blurred, const float* weight, float* ratio, IDX n,
-    float eps, float background, float scale, float power, int has_weight) {
+    float eps, float background, float scale, float power, float offset, int has_weight) {
     rl_damped_ratio<float>(observed, blurred, weight, ratio, n, eps, background, scale, power,
-                           has_weight);
+                           offset, has_weight);
 }
 
 extern "C" __global__ void gpudeconv_rl_damped_ratio_float64(
     const double* observed, const double* blurred, const double* weight, double* ratio, IDX n,
-    double eps, double background, double scale, double power, int has_weight) {
+    double eps, double background, double scale, double power, double offset, int has_weight) {
     rl_damped_ratio<double>(observed, blurred, weight, ratio, n, eps, background, scale, power,
-                            has_weight);
+                            offset, has_weight);
 }
 
 extern "C" __global__ void gpudeconv_rl_update_float32(float* estimate, const float* correction,

@@ -285,11 +285,13 @@ def deviance_reference(observed, model):
     return np.where(d > 0, 2 * inside, 2 * m)
 
 
-def damped_reference(observed, blurred, weight, *, background, scale, power):
-    """White's damped ratio in float64."""
+def damped_reference(observed, blurred, weight, *, background, scale, power, offset=0.0):
+    """White's damped ratio in float64, its statistic the deviance on the Poisson share
+    ``p = max(m - offset, 0) / m`` of the model and Pearson's chi-square on the rest."""
     m = np.maximum(np.asarray(blurred, np.float64) + background, RATIO_EPS)
     d = np.asarray(observed, np.float64)
-    misfit = scale * deviance_reference(d, m)
+    share = np.maximum(m - offset, 0) / m
+    misfit = scale * (share * deviance_reference(d, m) + (1 - share) * (d - m) ** 2 / m)
     with np.errstate(over="ignore", invalid="ignore"):
         damped = 1 + misfit ** (power - 1) * (power - (power - 1) * misfit) * (d - m) / m
     ratio = np.where(misfit < 1, damped, d / m)
@@ -312,13 +314,23 @@ FORMULA_RTOL = {np.float32: 1e-4, np.float64: 1e-10}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("damping", [(0.02, 10.0), (0.5, 10), (0.1, 3.5)], ids=str)
+@pytest.mark.parametrize(
+    "damping",
+    [(0.02, 10.0), (0.5, 10), (0.1, 3.5), (0.02, 10.0, 100.0), (0.1, 3.5, 400)],
+    ids=str,
+)
 @pytest.mark.parametrize("background", [0.0, 12.5])
 def test_damped_ratio_follows_whites_formula(backend, dtype, damping, background):
     d = dark_step_data(dtype)
-    scale, power = damping
+    scale, power, offset = (*damping, 0.0)[:3]
     expected = damped_reference(
-        d["observed"], d["blurred"], d["weight"], background=background, scale=scale, power=power
+        d["observed"],
+        d["blurred"],
+        d["weight"],
+        background=background,
+        scale=scale,
+        power=power,
+        offset=offset,
     )
     ratio = backend.rl_ratio(
         backend.asarray(d["observed"]),
@@ -335,6 +347,40 @@ def test_damped_ratio_follows_whites_formula(backend, dtype, damping, background
     if background == 0:  # no photons, a faint model: about 1 where the weight is 1
         dark = (d["observed"][2, 10:20] == 0) & (d["weight"][2, 10:20] > 0)
         assert (ratio[2, 10:20][dark] > 0.5).all() and dark.sum() > 3
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_damped_ratio_offset_blends_in_pearson(backend, dtype):
+    """Offset 0 is White's deviance bit for bit (raw frames restore as before); an offset
+    above the model makes U Pearson's chi-square (d - m)^2 / m, which is larger than the
+    deviance below the model and smaller above it."""
+    d = dark_step_data(dtype)
+
+    def ratio(damping):
+        return backend.to_host(
+            backend.rl_ratio(
+                backend.asarray(d["observed"]),
+                backend.asarray(d["blurred"].copy()),
+                damping=damping,
+            )
+        )
+
+    white = ratio((0.02, 10.0))
+    np.testing.assert_array_equal(ratio((0.02, 10.0, 0.0)), white)
+    pearson = ratio((0.02, 10.0, 1e9))
+    expected = damped_reference(
+        d["observed"], d["blurred"], None, background=0.0, scale=0.02, power=10.0, offset=1e9
+    )
+    np.testing.assert_allclose(pearson, expected, rtol=FORMULA_RTOL[dtype], atol=1e-7)
+    # Where both are damped (U < 1) the deviance pulls further down below the model, Pearson's
+    # less: the ratio - 1 keeps its sign and Pearson's damping is the stronger one there.
+    m = np.maximum(d["blurred"].astype(np.float64), RATIO_EPS)
+    below = (d["observed"] > 0.5 * m) & (d["observed"] < 0.95 * m)
+    assert below.sum() > 50
+    assert (np.abs(pearson[below] - 1) <= np.abs(white[below] - 1) * (1 + 1e-5)).all()
+    plain = d["observed"] / m
+    moving = below & (np.abs(white - 1) > 1e-3) & (np.abs(white - plain) > 1e-3 * plain)
+    assert moving.sum() > 10 and (np.abs(pearson[moving] - 1) < np.abs(white[moving] - 1)).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -475,7 +521,10 @@ def test_deviance_is_the_poisson_deviance(backend, dtype, weighted, background):
     ("step", "options", "message"),
     [
         ("ratio", {"damping": 0.5}, r"damping must be None or a pair \(scale, power\)"),
-        ("ratio", {"damping": (1, 2, 3)}, r"damping must be None or a pair"),
+        ("ratio", {"damping": (1, 2, 3, 4)}, r"damping must be None or a pair .* or a triple"),
+        ("ratio", {"damping": (1, 2, "x")}, r"damping must be None or a pair"),
+        ("ratio", {"damping": (0.5, 10, -1.0)}, r"damping offset must be a finite number >= 0"),
+        ("ratio", {"damping": (0.5, 10, np.inf)}, r"damping offset must be .* got inf"),
         ("ratio", {"damping": (0.0, 10)}, r"damping scale must be a positive finite number"),
         ("ratio", {"damping": (np.inf, 10)}, r"damping scale must be .* got inf"),
         ("ratio", {"damping": (0.5, 0.9)}, r"damping power must be a finite number >= 1 .* 0.9"),

@@ -220,7 +220,7 @@ def test_rl_damped_ratio_matches_numpy(fake, cupy_backend, dtype, weighted):
     assert fake.launches[0].argument_types == (
         *[f"{dtype}*"] * 4,
         "int32",
-        *[dtype] * 4,
+        *[dtype] * 5,  # eps, background, scale, power, offset
         "int32",
     )
 

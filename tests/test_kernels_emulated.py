@@ -7,6 +7,7 @@ odd so that the grid-stride loops wrap, and some launches have more threads than
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -407,8 +408,15 @@ def test_rl_update_without_clamp_is_the_formula_bit_for_bit(rl_steps, dtype, wit
 #: up to about N (N - 1) ulp: 90 x 4 x 1.2e-7 = 4e-5 for N = 10 and NumPy's 4-ulp log. Measured
 #: 3.5e-6. float64 has no such differences here.
 DAMPED_RTOL = {"float32": 5e-5, "float64": 1e-12}
-#: (scale, power): damp 4% to 80% of the pixels of damped_data; a non-integer power too
-DAMPINGS = {"mild": (0.05, 10.0), "strong": (0.5, 10.0), "power-2.5": (0.2, 2.5)}
+#: (scale, power[, offset]): damp 4% to 80% of the pixels of damped_data; a non-integer power
+#: too; an offset at the sky level of damped_data (about 50), so that its models are below it
+#: (Pearson's statistic alone), at it and above it (a blend with the deviance)
+DAMPINGS = {
+    "mild": (0.05, 10.0),
+    "strong": (0.5, 10.0),
+    "power-2.5": (0.2, 2.5),
+    "offset": (0.2, 10.0, 50.0),
+}
 
 
 def damped_data(dtype: str) -> dict[str, np.ndarray]:
@@ -426,7 +434,7 @@ def damped_data(dtype: str) -> dict[str, np.ndarray]:
 def launch_damped_ratio(module, idx, dtype, grid, block, d, *, weighted, damping, background):
     """The damped ratio kernel in place on a copy of ``d["blurred"]``, as the backend runs it."""
     scalar = dtype_type(dtype)
-    scale, power = damping
+    scale, power, offset = (*damping, 0.0)[:3]
     ratio = d["blurred"].copy()
     module.launch(
         f"gpudeconv_rl_damped_ratio_{dtype}",
@@ -442,6 +450,7 @@ def launch_damped_ratio(module, idx, dtype, grid, block, d, *, weighted, damping
             background,
             scalar(scale),
             scalar(power),
+            scalar(offset),
             np.int32(weighted),
         ),
     )
@@ -488,6 +497,36 @@ def test_rl_damped_ratio_matches_numpy(rl_steps, dtype, grid, block, level, weig
         assert (ratio[seen] > 0.9).all() and (ratio[dark & ~seen] == 0).all()
         dark_pixels += seen.sum()
     assert dark_pixels >= 10 or level == "sky"  # a sky shifts every model above 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rl_damped_ratio_with_offset_0_is_whites_bit_for_bit(emulation_cache, dtype):
+    """Offset 0 (raw frames) computes White's U = s D exactly as the kernel did before the
+    offset's Pearson share: raw frames restore bit for bit as before. An offset changes it."""
+    module = kh.build_kernel("rl_steps.cu", IDX="int", cache_dir=emulation_cache)
+    white = broken_rl_steps_edited(
+        [("scale * damping_misfit(d, m, offset)", "scale * poisson_deviance(d, m)")],
+        emulation_cache,
+    )
+    d = damped_data(dtype)
+    scalar = dtype_type(dtype)
+    for background in backgrounds(dtype).values():
+        for damping in DAMPINGS.values():
+            launch = functools.partial(
+                launch_damped_ratio,
+                idx="int",
+                dtype=dtype,
+                grid=(3,),
+                block=(32,),
+                d=d,
+                weighted=True,
+                background=background,
+            )
+            ratio = launch(module, damping=(*damping[:2], scalar(0.0)))
+            np.testing.assert_array_equal(ratio, launch(white, damping=damping[:2]))
+            if len(damping) == 3:
+                blended = launch(module, damping=damping)
+                assert (blended != ratio).sum() > 20
 
 
 # ---------------------------------------------------------------------------- floor and change
@@ -1003,6 +1042,26 @@ WRONG_NEW_STEPS = {
             (
                 "d > (T)0 ? (T)2 * (d * gpudeconv_log(d / m) - d + m) : (T)2 * m",
                 "(T)2 * (d * gpudeconv_log(d / m) - d + m)",
+            )
+        ],
+        check_damped,
+    ),
+    # the Poisson share p from the model alone, without the offset: White's deviance everywhere
+    "damped-share-no-offset": (
+        [("m > offset ? (m - offset) / m : (T)0", "m > offset ? m / m : (T)0")],
+        check_damped,
+    ),
+    # p not clamped at 0 below the offset: a negative weight on the deviance
+    "damped-share-unclamped": (
+        [("m > offset ? (m - offset) / m : (T)0", "(m - offset) / m")],
+        check_damped,
+    ),
+    # the statistics swapped: Pearson's on the Poisson share, the deviance on the rest
+    "damped-blend-swapped": (
+        [
+            (
+                "share * dev + ((T)1 - share) * pearson",
+                "share * pearson + ((T)1 - share) * dev",
             )
         ],
         check_damped,

@@ -96,19 +96,23 @@ def validate_bounds(lower, upper) -> tuple[float, float] | None:
     return bounds
 
 
-def validate_damping(damping) -> tuple[float, float] | None:
-    """``rl_ratio``'s damping as ``(scale, power)`` floats, None without damping; a scale that
-    is not positive and finite or a power below 1 (or not finite) is a ``GpudeconvError``."""
+def validate_damping(damping) -> tuple[float, float, float] | None:
+    """``rl_ratio``'s damping ``(scale, power)`` or ``(scale, power, offset)`` as three floats
+    (offset 0 when left out), None without damping; a scale that is not positive and finite, a
+    power below 1 (or not finite) or an offset below 0 (or not finite) is a ``GpudeconvError``."""
     if damping is None:
         return None
     try:
-        scale, power = (float(value) for value in damping)
+        values = tuple(float(value) for value in damping)
     except (TypeError, ValueError):
+        values = ()
+    if len(values) not in (2, 3):
         msg = (
-            f"damping must be None or a pair (scale, power) of numbers, e.g. (0.25, 10), "
-            f"got {damping!r}"
+            f"damping must be None or a pair (scale, power) or a triple (scale, power, offset) "
+            f"of numbers, e.g. (0.25, 10) or (0.25, 10, 0.01), got {damping!r}"
         )
-        raise GpudeconvError(msg) from None
+        raise GpudeconvError(msg)
+    scale, power, offset = values if len(values) == 3 else (*values, 0.0)
     if not (math.isfinite(scale) and scale > 0):
         msg = (
             f"the damping scale must be a positive finite number (1 / T**2 to damp pixels that "
@@ -122,7 +126,13 @@ def validate_damping(damping) -> tuple[float, float] | None:
             f"nothing), got {power!r}"
         )
         raise GpudeconvError(msg)
-    return scale, power
+    if not (math.isfinite(offset) and offset >= 0):
+        msg = (
+            f"the damping offset must be a finite number >= 0 (the noise model's offset in the "
+            f"units of the blurred image, 0 for raw frames), got {offset!r}"
+        )
+        raise GpudeconvError(msg)
+    return scale, power, offset
 
 
 def validate_tv(strength, epsilon) -> tuple[float, float]:
@@ -437,7 +447,7 @@ class Backend(abc.ABC):
         weight=None,
         *,
         background: float = 0.0,
-        damping: tuple[float, float] | None = None,
+        damping: tuple[float, float] | tuple[float, float, float] | None = None,
     ):
         """``weight * observed / max(blurred + background, RATIO_EPS)`` in one pass.
 
@@ -445,17 +455,23 @@ class Backend(abc.ABC):
         bias) of the Poisson model ``observed ~ P(H u + b)``, in the units of ``blurred``; it
         must be finite (``GpudeconvError`` otherwise). 0 gives the plain RL ratio bit for bit.
 
-        ``damping = (scale, power)`` gives White's (1994) damped ratio instead: with
+        ``damping = (scale, power, offset)`` gives White's (1994) damped ratio instead: with
         ``m = max(blurred + background, RATIO_EPS)``, ``d = observed`` and
-        ``U = scale * dev``, ``dev`` the pixel's Poisson deviance (:func:`poisson_deviance`),
-        the ratio is ``1 + U**(power-1) * (power - (power-1) * U) * (d - m) / m`` where
-        ``U < 1`` and ``d / m`` elsewhere: pixels that the model already fits within the
-        noise (``scale = 1 / T**2`` for a threshold of ``T`` sigmas with data in counts,
-        times the counts per unit otherwise) pull the estimate no further, which stops RL from
-        fitting the noise. The damped ratio is not 0 where ``d`` is, so the weight matters on
-        every pixel. ``scale`` must be positive and finite, ``power`` (typically 10) finite
-        and at least 1 (``GpudeconvError``); None (the default) is the plain ratio, bit for
-        bit and at its speed.
+        ``U = scale * (p * dev + (1 - p) * (d - m)**2 / m)``, ``dev`` the pixel's Poisson
+        deviance (:func:`poisson_deviance`) and ``p = max(m - offset, 0) / m``, the ratio is
+        ``1 + U**(power-1) * (power - (power-1) * U) * (d - m) / m`` where ``U < 1`` and
+        ``d / m`` elsewhere: pixels that the model already fits within the noise
+        (``scale = 1 / T**2`` for a threshold of ``T`` sigmas with data in counts, times the
+        counts per unit otherwise) pull the estimate no further, which stops RL from fitting
+        the noise. ``offset`` (0 if left out: ``(scale, power)``) is the part of ``m`` whose
+        noise is Gaussian (read noise, subtracted sky: the noise model's offset in these
+        units): the deviance's asymmetry matches Poisson noise and pulls Gaussian noise down,
+        so that part takes Pearson's symmetric ``(d - m)**2 / m``; offset 0 is White's
+        ``U = scale * dev`` bit for bit. The damped ratio is not 0 where ``d`` is, so the
+        weight matters on every pixel. ``scale`` must be positive and finite, ``power``
+        (typically 10) finite and at least 1, ``offset`` finite and at least 0
+        (``GpudeconvError``); None (the default) is the plain ratio, bit for bit and at its
+        speed.
 
         References
         ----------

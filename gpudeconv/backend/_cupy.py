@@ -257,7 +257,7 @@ class CuPyBackend(Backend):
         weight=None,
         *,
         background: float = 0.0,
-        damping: tuple[float, float] | None = None,
+        damping: tuple[float, float] | tuple[float, float, float] | None = None,
     ):
         background = validate_background(background)
         damping = validate_damping(damping)
@@ -273,7 +273,7 @@ class CuPyBackend(Backend):
                 grid, block, (*shared, dtype.type(background), np.int32(has_weight))
             )
         else:
-            scale, power = damping
+            scale, power, offset = damping
             _rl_kernel("rl_damped_ratio", ratio)(
                 grid,
                 block,
@@ -282,6 +282,7 @@ class CuPyBackend(Backend):
                     dtype.type(background),
                     dtype.type(scale),
                     dtype.type(power),
+                    dtype.type(offset),
                     np.int32(has_weight),
                 ),
             )

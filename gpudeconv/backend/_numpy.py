@@ -181,14 +181,14 @@ class NumPyBackend(Backend):
         weight=None,
         *,
         background: float = 0.0,
-        damping: tuple[float, float] | None = None,
+        damping: tuple[float, float] | tuple[float, float, float] | None = None,
     ):
         background = blurred.dtype.type(validate_background(background))
         damping = validate_damping(damping)
         if damping is not None:
-            scale, power = (blurred.dtype.type(value) for value in damping)
+            scale, power, offset = (blurred.dtype.type(value) for value in damping)
             damped = functools.partial(
-                _damped_ratio, background=background, scale=scale, power=power
+                _damped_ratio, background=background, scale=scale, power=power, offset=offset
             )
             by_rows(damped, observed, blurred, weight)
         elif background == 0:  # the RL loop's hot path: no shift pass
@@ -332,12 +332,29 @@ def _weighted_shifted_ratio(observed, blurred, weight, *, background):
     blurred *= weight
 
 
-def _damped_ratio(observed, blurred, weight, *, background, scale, power):
+def _damping_misfit(observed, model, offset):
+    # the kernel's damping_misfit: p D + (1 - p) (d - m)^2 / m, the deviance itself where p
+    # rounds to 1 (everywhere when offset = 0, with no Pearson pass)
+    deviance = poisson_deviance(observed, model, xp=np)
+    if offset == 0:
+        return deviance
+    share = np.where(model > offset, (model - offset) / model, model.dtype.type(0))
+    mixed = share < 1
+    pearson = observed - model
+    pearson *= pearson
+    pearson /= model
+    blend = share * deviance
+    blend += (1 - share) * pearson
+    np.copyto(deviance, blend, where=mixed)
+    return deviance
+
+
+def _damped_ratio(observed, blurred, weight, *, background, scale, power, offset):
     # everything in blurred's dtype (the scalars too), so that float32 rounds as in the kernel
     observed = observed.astype(blurred.dtype, copy=False)
     blurred += background
     model = np.maximum(blurred, RATIO_EPS, out=blurred)
-    misfit = poisson_deviance(observed, model, xp=np)
+    misfit = _damping_misfit(observed, model, offset)
     misfit *= scale
     order = power - 1
     # computed everywhere and kept where U < 1: elsewhere U**(N-1) may overflow, unused
