@@ -82,8 +82,10 @@ def reference_regularized_rl(
     ``h~ * w - tv div(grad u / |grad u|)`` (forward differences, gradient scale sigma / 10 or
     ``8 tv u`` at the gradient's pixel, whichever is larger), floored at half of itself.
     Damping (White 1994): the ratio is
-    ``1 + U^(N-1) (N - (N-1) U) (d - m) / m`` where ``U = g * deviance(d, m) / damping^2 < 1``,
-    ``N = 10``.
+    ``1 + U^(N-1) (N - (N-1) U) (d - m) / m`` where ``U < 1``, ``N = 10``, with
+    ``U = g (p deviance(d, m) + (1 - p) (d - m)^2 / m) / damping^2`` and
+    ``p = max(m - offset, 0) / m`` the Poisson share of the model's variance ``m / g`` (the
+    offset's part is read or subtracted-sky noise, Gaussian): the deviance alone for offset 0.
     """
     d = np.asarray(observed, dtype=np.float64)
     h = np.asarray(psf, dtype=np.float64)
@@ -107,7 +109,9 @@ def reference_regularized_rl(
                 deviance = np.where(
                     data > 0, 2 * (data * np.log(data / model) - data + model), 2 * model
                 )
-            u_damp = gain * deviance / damping**2
+            share = np.maximum(model - offset, 0.0) / model
+            pearson = (data - model) ** 2 / model
+            u_damp = gain * (share * deviance + (1 - share) * pearson) / damping**2
             power = 10.0
             soft = (
                 1 + u_damp ** (power - 1) * (power - (power - 1) * u_damp) * (data - model) / model

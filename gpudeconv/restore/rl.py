@@ -461,8 +461,11 @@ def richardson_lucy(
     (:math:`b = \\alpha = 0` for plain RL; the restored image is :math:`u + b`); on saturated
     pixels the ratio is raised to at least 1. Inside the frame
     :math:`H^T w = 1` and without the TV term this is the plain iteration of [1]_ and [2]_. The
-    damped ratio replaces the ratio by White's damped form. The estimate starts from the
-    observed image, its no-data pixels from the mean of the data near them. The image is
+    damped ratio replaces the ratio by White's damped form, its misfit the Poisson deviance on
+    the photon share of the model and Pearson's symmetric :math:`(d - m)^2 / m` on the share
+    :math:`\\alpha` (read noise, subtracted sky), whose nearly Gaussian noise the deviance's
+    asymmetry would pull down. The estimate starts from the observed image, its no-data pixels
+    from the mean of the data near them. The image is
     padded by reflection by the PSF radius, and the estimate reaches one more radius beyond,
     unobserved (:math:`w = 0`) [3]_, so borders neither darken nor ring and a flat image stays
     flat. Every option is a parameter of the same four steps (forward, ratio, adjoint,
@@ -767,7 +770,10 @@ def _restore_plane(
     epsilon = 0.1 * sigma if sigma is not None else None
     damping = None
     if damped:
-        damping = (counts / settings.damping**2, DAMPING_POWER)
+        # The offset alpha lifts the data to (observed + alpha) / scale: alpha / scale of the
+        # model is Gaussian noise (read, subtracted sky), which the statistic fits with
+        # Pearson's chi-square instead of the deviance (0 for a photon-dominated sky).
+        damping = (counts / settings.damping**2, DAMPING_POWER, model.offset / scale)
 
     track_change = settings.accelerate or settings.stop == "change"
     change = xp.zeros_like(estimate) if track_change else None
