@@ -464,7 +464,7 @@ def _validate_psf_options(args) -> None:
 
 
 def _deconvolve(args) -> int:
-    from .backend import get_backend
+    from .backend import get_backend, requested_backend
     from .io import provenance_header, read_image, write_image
 
     input_path, output_path = Path(args.input), Path(args.output)
@@ -477,7 +477,7 @@ def _deconvolve(args) -> int:
     # A named backend is checked at once; 'auto' is resolved once the paths, the image and
     # the PSF have passed their checks, so that a user error on a machine without a GPU is
     # not preceded by the note on why the CPU is used.
-    backend = None if _requested_backend(args.backend) == "auto" else get_backend(args.backend)
+    backend = None if requested_backend(args.backend) == "auto" else get_backend(args.backend)
     _check_output(input_path, output_path, args.overwrite)
     psf_path = _beside(output_path, "_psf.fits") if auto else None
     if psf_path is not None:
@@ -578,15 +578,6 @@ def _deconvolve(args) -> int:
     return 0
 
 
-def _requested_backend(name: str | None) -> str:
-    """The backend name asked for by --backend, else GPUDECONV_BACKEND, else 'auto'."""
-    from .backend import ENV_VAR
-
-    if name is None:
-        name = os.environ.get(ENV_VAR, "").strip() or "auto"
-    return str(name).strip().lower()
-
-
 #: How the methods without iterations say what they did.
 _ONE_STEP = {"wiener": "Wiener filter", "learned": "learned network"}
 
@@ -594,9 +585,9 @@ _ONE_STEP = {"wiener": "Wiener filter", "learned": "learned network"}
 def _steps(method: str) -> str | None:
     """What a method without iterations ran, for the HISTORY (None for the RL methods)."""
     if method == "learned":
-        from .learned.infer import weights_path
+        from .learned.infer import weights_name
 
-        return f"network {weights_path().name}"
+        return f"network {weights_name()}"
     return "one filter step" if method == "wiener" else None
 
 
@@ -615,11 +606,11 @@ def _restore(args, image, header, kernel, backend):
         restored = wiener(image, kernel, backend=backend)
         return restored, None, {"options": "Wiener filter, noise-to-signal from the image"}
     if args.method == "learned":
-        from .learned.infer import BLEND, DEFAULT_TILE, HALO, learned_deconvolve, weights_path
+        from .learned.infer import BLEND, DEFAULT_TILE, HALO, learned_deconvolve, weights_name
 
         restored = learned_deconvolve(image, kernel, backend=backend, progress=not args.quiet)
         tiles = f"tiles {DEFAULT_TILE} + halo {HALO} px, blended over {BLEND} px"
-        return restored, None, {"options": f"learned network {weights_path().name}, {tiles}"}
+        return restored, None, {"options": f"learned network {weights_name()}, {tiles}"}
     restored, info = richardson_lucy(
         image,
         kernel,

@@ -618,19 +618,11 @@ def _history_items(settings: rl._Settings, measured: _Measured, iterations: int)
     return items
 
 
-def _network_name(options: dict) -> str:
-    """The learned network's weights as the HISTORY names them (their file's name)."""
-    from .learned.infer import weights_path
-
-    weights = options.get("weights")
-    if isinstance(weights, (str, os.PathLike)):
-        return Path(weights).name
-    return weights_path().name if weights is None else getattr(weights, "name", "given weights")
-
-
 def _learned_history(measured: _Measured, options: dict) -> dict:
     """HISTORY items of a tiled learned run: the network and each channel's normalization."""
-    name = _network_name(options)
+    from .learned.infer import weights_name
+
+    name = weights_name(options.get("weights"))
     items = {"options": f"learned network {name}, one normalization per channel for the mosaic"}
     count = len(measured.normalization)
     for channel, norm in enumerate(measured.normalization):
@@ -856,11 +848,7 @@ def _check_saturation(levels, low, dtype) -> None:
             continue  # no level, or no data: every tile of the channel is skipped
         if np.dtype(dtype).type(lowest) >= np.dtype(dtype).type(level):
             where = f" of channel {channel}" if colour else ""
-            msg = (
-                f"every pixel{where} is at or above the saturation level {level:g}; give a "
-                "higher saturation level, or none"
-            )
-            raise GpudeconvError(msg)
+            raise GpudeconvError(rl.all_saturated(level, where))
 
 
 def _normalizations(sample: _NoiseSample, low) -> tuple:
@@ -1933,12 +1921,17 @@ def deconvolve_file(
                 if learned
                 else _history_items(settings, measured, iterations)
             )
+            steps = None  # what a method without iterations ran
+            if learned:
+                from .learned.infer import weights_name
+
+                steps = f"network {weights_name(options.get('weights'))}"
             header = provenance_header(
                 reader.header,
                 method=method,
                 psf=psf_description or _describe_psf(psf),
                 iterations=None if learned else iterations,  # the network has none
-                steps=f"network {_network_name(options)}" if learned else None,
+                steps=steps,
                 backend=backend.name,
                 extra={
                     "tiles": f"{plan.tile} px, halo {plan.halo} px",

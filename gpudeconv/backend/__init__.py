@@ -35,6 +35,7 @@ __all__ = [
     "backend_for",
     "get_backend",
     "is_cupy_array",
+    "requested_backend",
     "sv_tile",
 ]
 
@@ -84,6 +85,14 @@ def _fall_back(reason: str) -> Backend:
     return _make("numpy")
 
 
+def requested_backend(name: str | None = None) -> str:
+    """The backend name asked for, lower case: ``name``, else ``GPUDECONV_BACKEND``, else
+    ``'auto'`` (not checked: `get_backend` does that)."""
+    if name is None:
+        name = os.environ.get(ENV_VAR, "").strip() or "auto"
+    return str(name).strip().lower()
+
+
 def get_backend(name: str | Backend | None = None) -> Backend:
     """Return the backend called ``name``.
 
@@ -100,11 +109,10 @@ def get_backend(name: str | Backend | None = None) -> Backend:
     """
     if isinstance(name, Backend):
         return name
-    source = "backend"
+    source = ENV_VAR if name is None and ENV_VAR in os.environ else "backend"
     if name is None:
         name = os.environ.get(ENV_VAR, "").strip() or "auto"
-        source = ENV_VAR if ENV_VAR in os.environ else "backend"
-    key = str(name).strip().lower()
+    key = requested_backend(name)
     if key not in BACKEND_NAMES:
         msg = f"{source} must be one of {', '.join(BACKEND_NAMES)}, got {name!r}"
         raise GpudeconvError(msg)

@@ -47,6 +47,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "learned_deconvolve",
     "load_weights",
+    "weights_name",
     "weights_path",
 ]
 
@@ -216,6 +217,16 @@ def load_weights(weights: Weights | str | os.PathLike | None = None) -> Weights:
         raise GpudeconvError(msg)
     with importlib.resources.as_file(weights_path()) as path:
         return Weights.load(path)
+
+
+def weights_name(weights=None) -> str:
+    """The network as records (HISTORY) name it: the file name of ``weights`` (None: of
+    `weights_path`'s file; a path: its own), or a `Weights`' name."""
+    if weights is None:
+        return weights_path().name
+    if isinstance(weights, (str, os.PathLike)):
+        return Path(weights).name
+    return getattr(weights, "name", "given weights")
 
 
 def weights_path():

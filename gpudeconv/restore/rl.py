@@ -67,6 +67,15 @@ def _check_has_data(planes, xp) -> None:
         raise GpudeconvError(NO_DATA)
 
 
+def all_saturated(level: float, where: str = "") -> str:
+    """The refusal of an image (``where``: a part of it, e.g. ``' of channel 2'``) whose every
+    pixel is at or above the saturation ``level``, in memory and in tiles."""
+    return (
+        f"every pixel{where} is at or above the saturation level {level:g}; give a higher "
+        "saturation level, or none"
+    )
+
+
 def _validate_iterations(iterations) -> int:
     if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 1:
         msg = (
@@ -672,11 +681,7 @@ def _restore_plane(
         censored = _grow(valid & (observed >= dtype(level)), xp)
         record.saturation, record.saturated = level, int(censored.sum())
         if not window and not bool((valid & ~censored).any()):
-            msg = (
-                f"every pixel is at or above the saturation level {level:g}; give a higher "
-                "saturation level, or none"
-            )
-            raise GpudeconvError(msg)
+            raise GpudeconvError(all_saturated(level))
 
     # The data term, at unit scale: RL does not depend on the data's scale, and unit scale
     # keeps the division guard meaningful for flux-calibrated data (pixel values of 1e-14).
